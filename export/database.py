@@ -1,0 +1,229 @@
+"""The neighbour database: every training image's latent as code indices per block position,
+retrieval keys, an HNSW index and self-excluded neighbour lists.
+
+The database is the model's memory of "what whole images look like": the denoiser only ever
+sees one block, and the neighbours' blocks carry the global layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+import torch
+
+from rissole_edge import blocks
+
+from .autoencoder import VQAutoencoder
+from .config import DatabaseConfig
+
+FILES = ("codes.npy", "keys.npy", "pca.npz", "index.bin", "neighbours.npy", "meta.json")
+
+
+@torch.no_grad()
+def encode(ae: VQAutoencoder, pixels: np.ndarray, batch: int = 512) -> np.ndarray:
+    """uint8 images (N, H, W, C) -> code indices (N, h, w), uint8 or uint16 as the codebook needs."""
+    dtype = np.uint8 if ae.cfg.codebook_size <= 256 else np.uint16
+    out = []
+    for i in range(0, len(pixels), batch):
+        x = to_tensor(pixels[i:i + batch])
+        out.append(ae.encode_indices(x).numpy().astype(dtype))
+    return np.concatenate(out)
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def code_latents(codebook: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Code indices (..., h, w) -> latent vectors (..., D, h, w)."""
+    return np.moveaxis(codebook[codes], -1, -3)
+
+
+def make_keys(latents: np.ndarray, key: str, blocks_per_side: int) -> np.ndarray:
+    """The vector an image is found by: its whole latent, or one block of it, flattened and
+    L2-normalised (cosine similarity)."""
+    if key == "latent":
+        flat = latents.reshape(len(latents), -1)
+    else:
+        flat = blocks.split(latents, blocks_per_side)[:, int(key.split(":")[1])].reshape(len(latents), -1)
+    flat = flat.astype(np.float32)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
+
+
+def fit_pca(keys: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, components (dim, D)) from at most 20k keys; reduces the index size."""
+    rng = np.random.default_rng(seed)
+    sample = keys[rng.permutation(len(keys))[:20000]]
+    mean = sample.mean(0)
+    _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
+    return mean.astype(np.float32), vt[:dim].astype(np.float32)
+
+
+def reduce(keys: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    out = (keys - mean) @ components.T
+    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+def build_index(keys: np.ndarray, m: int, ef_construction: int, seed: int) -> hnswlib.Index:
+    """One thread, fixed seed: the same keys always give the same graph."""
+    index = hnswlib.Index(space="ip", dim=keys.shape[1])
+    index.init_index(max_elements=len(keys), M=m, ef_construction=ef_construction, random_seed=seed)
+    index.add_items(keys, np.arange(len(keys)), num_threads=1)
+    return index
+
+
+def exact_knn(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    sims = queries @ keys.T
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    order = np.take_along_axis(sims, top, 1).argsort(1)[:, ::-1]
+    return np.take_along_axis(top, order, 1)
+
+
+def recall(index: hnswlib.Index, keys: np.ndarray, query_ids: np.ndarray, k: int, ef: int) -> float:
+    """Share of the exact top-k (brute force on the same keys) that HNSW returns at this ef."""
+    index.set_ef(max(ef, k))
+    found, _ = index.knn_query(keys[query_ids], k=k, num_threads=1)
+    truth = exact_knn(keys, keys[query_ids], k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
+
+
+def choose_ef(index: hnswlib.Index, keys: np.ndarray, query_ids: np.ndarray, k: int,
+              target: float) -> tuple[int, float]:
+    """The smallest ef whose recall@k reaches `target` (or the best tried)."""
+    best = (0, -1.0)
+    for ef in (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512):
+        r = recall(index, keys, query_ids, k, ef)
+        if r >= target:
+            return ef, r
+        best = max(best, (ef, r), key=lambda x: x[1])
+    return best
+
+
+def duplicate_groups(codes: np.ndarray) -> np.ndarray:
+    """A group id per image; images with identical latents share one. Exact pixel duplicates
+    always have identical latents, so this catches them too."""
+    digests = [hashlib.sha1(c.tobytes()).digest() for c in codes]
+    first: dict[bytes, int] = {}
+    return np.array([first.setdefault(d, i) for i, d in enumerate(digests)], dtype=np.int64)
+
+
+def neighbour_lists(index: hnswlib.Index, keys: np.ndarray, groups: np.ndarray, window: int,
+                    threads: int) -> np.ndarray:
+    """The `window` nearest images of every image, never itself or one of its duplicates."""
+    largest_group = int(np.bincount(groups).max())
+    want = min(len(keys), window + largest_group)
+    index.set_ef(max(index.ef, want))
+    found, _ = index.knn_query(keys, k=want, num_threads=threads)
+    out = np.empty((len(keys), window), dtype=np.int32)
+    for i, row in enumerate(found):
+        kept = row[groups[row] != groups[i]][:window]
+        if len(kept) < window:
+            raise ValueError(f"image {i} has fewer than {window} distinct neighbours; "
+                             "lower database.window or add images")
+        out[i] = kept
+    return out
+
+
+@dataclass
+class KeyStudy:
+    """How good a retrieval key is, measured by exact search on a sample of queries."""
+    key: str
+    dim: int
+    label_agreement: float | None   # share of the k neighbours with the query's label
+    latent_distance: float          # mean distance query -> neighbours over the WHOLE latent
+    index_bytes_estimate: int
+
+
+def study_keys(latents: np.ndarray, labels: np.ndarray | None, blocks_per_side: int, k: int,
+               dims: tuple[int, ...], seed: int) -> list[KeyStudy]:
+    """Compare candidate keys on what matters for generation: neighbours that agree with the
+    query everywhere in the image (whole-latent distance), and in class when labels exist."""
+    rng = np.random.default_rng(seed)
+    queries = rng.permutation(len(latents))[:min(1000, len(latents))]
+    flat = latents.reshape(len(latents), -1)
+    out = []
+    candidates = ["latent"] + [f"block:{p}" for p in (0, blocks_per_side * blocks_per_side // 2)]
+    for key in dict.fromkeys(candidates):
+        full = make_keys(latents, key, blocks_per_side)
+        for dim in dims:
+            keys = full if not dim or dim >= full.shape[1] else reduce(full, *fit_pca(full, dim, seed))
+            nbrs = exact_knn(keys, keys[queries], k + 1)[:, 1:]      # drop the query itself
+            dist = np.linalg.norm(flat[nbrs] - flat[queries][:, None], axis=2).mean()
+            agree = float((labels[nbrs] == labels[queries][:, None]).mean()) if labels is not None else None
+            out.append(KeyStudy(key, keys.shape[1], agree, float(dist),
+                                len(latents) * (4 * keys.shape[1] + 8 * 16 + 16)))
+    return out
+
+
+def build(ae: VQAutoencoder, train: np.ndarray, labels: np.ndarray | None, cfg: DatabaseConfig,
+          blocks_per_side: int, k: int, out: Path, seed: int, threads: int) -> dict:
+    """Encode the training split and write the database files into `out`; returns its meta."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)     # meta.json is written last: it marks "complete"
+    codes = encode(ae, train)
+    codebook = ae.codebook.embedding.detach().numpy().astype(np.float32)
+    latents = code_latents(codebook, codes)                       # (N, D, h, w)
+    if cfg.key != "latent" and int(cfg.key.split(":")[1]) >= blocks_per_side ** 2:
+        raise ValueError(f"database.key {cfg.key} names a block beyond the {blocks_per_side ** 2} blocks")
+    full_keys = make_keys(latents, cfg.key, blocks_per_side)
+    if cfg.key_dim and cfg.key_dim < full_keys.shape[1]:
+        mean, components = fit_pca(full_keys, cfg.key_dim, seed)
+        keys = reduce(full_keys, mean, components)
+    else:
+        mean = np.zeros(full_keys.shape[1], np.float32)
+        components = np.eye(full_keys.shape[1], dtype=np.float32)
+        keys = full_keys
+    started = time.perf_counter()
+    index = build_index(keys, cfg.hnsw_m, cfg.ef_construction, seed)
+    build_s = time.perf_counter() - started
+    query_ids = np.random.default_rng(seed).permutation(len(keys))[:min(1000, len(keys))]
+    k_query = min(len(keys), cfg.window + 1)
+    ef, rec = choose_ef(index, keys, query_ids, k_query, cfg.target_recall)
+    index.set_ef(ef)
+    started = time.perf_counter()
+    index.knn_query(keys[query_ids], k=k_query, num_threads=1)
+    query_us = (time.perf_counter() - started) / len(query_ids) * 1e6
+    groups = duplicate_groups(codes)
+    neighbours = neighbour_lists(index, keys, groups, cfg.window, threads)
+
+    np.save(out / "codes.npy", blocks.split(codes[:, None], blocks_per_side)[:, :, 0])
+    np.save(out / "keys.npy", keys)
+    np.savez(out / "pca.npz", mean=mean, components=components)
+    np.save(out / "neighbours.npy", neighbours)
+    if labels is not None:
+        np.save(out / "labels.npy", labels)
+    index.save_index(str(out / "index.bin"))
+    meta = {
+        "images": len(codes), "latent_channels": int(latents.shape[1]), "latent_side": int(latents.shape[2]),
+        "blocks_per_side": blocks_per_side, "latent_scale": float(1.0 / latents.std()),
+        "key": cfg.key, "key_dim": int(keys.shape[1]), "hnsw_m": cfg.hnsw_m,
+        "ef_construction": cfg.ef_construction, "ef": ef, "recall_k": k_query, "recall": rec,
+        "query_us": query_us, "build_s": build_s, "window": cfg.window,
+        "duplicates": int(len(groups) - len(np.unique(groups))),
+        "index_bytes": (out / "index.bin").stat().st_size,
+        "key_study": [vars(s) for s in study_keys(latents, labels, blocks_per_side, k,
+                                                   (0, cfg.key_dim), seed)],
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+@dataclass
+class Database:
+    """A built database, loaded for denoiser training."""
+    codes: np.ndarray        # (N, P, s, s) code indices per block position
+    neighbours: np.ndarray   # (N, window) self-excluded neighbour ids, nearest first
+    meta: dict
+
+    @classmethod
+    def load(cls, folder: Path) -> "Database":
+        return cls(np.load(folder / "codes.npy", allow_pickle=False),
+                   np.load(folder / "neighbours.npy", allow_pickle=False),
+                   json.loads((folder / "meta.json").read_text()))

@@ -1,0 +1,107 @@
+"""The retrieval-guided block denoiser and its two baselines, one UNet family.
+
+- "block": denoises one latent block given the timestep, the block position and the
+  same-position blocks of k neighbours (the method);
+- "block-noretrieval": the same without neighbours (the paper's ablation: incoherent blocks);
+- "whole": a plain latent diffusion UNet on the whole latent (no blocks, no retrieval).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import DenoiserConfig
+from .layers import Downsample, ResBlock, Upsample, norm, sinusoidal
+
+
+class UNet(nn.Module):
+    """A compact DDPM-style UNet predicting the noise (epsilon) of a latent block.
+
+    Inputs: x (N, C, s, s) noisy block; t (N,) float timesteps; pos (N,) int64 block
+    positions; cond (N, k*C, s, s) the neighbours' blocks at the same position, stacked along
+    channels in rank order (zeros mean "no neighbours": classifier-free guidance).
+    """
+
+    def __init__(self, latent_channels: int, block_size: int, k: int, positions: int,
+                 channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str):
+        super().__init__()
+        if block_size % 2 ** (len(channel_mult) - 1):
+            raise ValueError(f"a block of side {block_size} cannot be halved "
+                             f"{len(channel_mult) - 1} times: use fewer channel_mult levels")
+        self.latent_channels, self.block_size, self.k = latent_channels, block_size, k
+        self.positions, self.fusion, self.channels = positions, fusion, channels
+        emb = channels * 2
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb), nn.SiLU(), nn.Linear(emb, emb))
+        self.pos_emb = nn.Embedding(positions, emb) if positions > 1 else None
+        cond_channels = k * latent_channels
+        concat = fusion == "concat" and k > 0
+        self.conv_in = nn.Conv2d(latent_channels + (cond_channels if concat else 0), channels, 3, padding=1)
+        # Additive fusion (the paper): the neighbours get their own conv, added to the input features.
+        self.cond_in = nn.Conv2d(cond_channels, channels, 3, padding=1) if k and not concat else None
+
+        widths = [channels * m for m in channel_mult]
+        self.down = nn.ModuleList()
+        skips, cin = [channels], channels
+        for i, width in enumerate(widths):
+            for _ in range(res_blocks):
+                self.down.append(ResBlock(cin, width, emb))
+                cin = width
+                skips.append(cin)
+            if i < len(widths) - 1:
+                self.down.append(Downsample(cin))
+                skips.append(cin)
+        self.mid = nn.ModuleList([ResBlock(cin, cin, emb), ResBlock(cin, cin, emb)])
+        self.up = nn.ModuleList()
+        for i, width in reversed(list(enumerate(widths))):
+            for _ in range(res_blocks + 1):
+                self.up.append(ResBlock(cin + skips.pop(), width, emb))
+                cin = width
+            if i > 0:
+                self.up.append(Upsample(cin))
+        self.out = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, latent_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.time_mlp(sinusoidal(t, self.channels))
+        if self.pos_emb is not None:
+            emb = emb + self.pos_emb(pos)
+        if self.k and self.cond_in is None:
+            h = self.conv_in(torch.cat([x, cond], dim=1))
+        else:
+            h = self.conv_in(x)
+            if self.cond_in is not None:
+                h = h + self.cond_in(cond)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)
+
+
+def geometry(cfg: DenoiserConfig, latent_side: int) -> tuple[int, int]:
+    """(block side, number of block positions) for a latent of side `latent_side`."""
+    blocks = 1 if cfg.kind == "whole" else cfg.blocks_per_side
+    if latent_side % blocks:
+        raise ValueError(f"a latent of side {latent_side} cannot be cut into {blocks}x{blocks} blocks")
+    return latent_side // blocks, blocks * blocks
+
+
+def build(cfg: DenoiserConfig, latent_channels: int, latent_side: int) -> UNet:
+    """The denoiser a config asks for."""
+    block_size, positions = geometry(cfg, latent_side)
+    k = cfg.k if cfg.kind == "block" else 0
+    return UNet(latent_channels, block_size, k, positions, cfg.channels, cfg.channel_mult,
+                cfg.res_blocks, cfg.fusion)
+
+
+def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
+                 cond: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(model(x_noisy, t, pos, cond), noise)

@@ -1,0 +1,100 @@
+"""Generating images with the torch models of a run: sample grids during training, and the
+reference that the exported runtime is checked against.
+
+Randomness is per image (numpy, seeded by (seed, image index)) so that image i of a batch is
+the same image when generated alone, in torch and in the runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rissole_edge import blocks
+from rissole_edge.retrieval import draw_neighbours
+
+from . import checkpoint, config, denoiser
+from .autoencoder import VQAutoencoder
+from .database import Database, code_latents
+from .diffusion import Diffusion
+
+
+@dataclass
+class RunModels:
+    """Everything a trained run generates with."""
+    cfg: config.RunConfig
+    ae: VQAutoencoder
+    net: denoiser.UNet
+    db: Database
+    latents: torch.Tensor     # (N, P, C, s, s) scaled neighbour blocks
+    diffusion: Diffusion
+
+    @property
+    def scale(self) -> float:
+        return self.db.meta["latent_scale"]
+
+    @classmethod
+    def load(cls, run: Path, weights: str = "ema") -> "RunModels":
+        cfg = config.load(run / "config.json")
+        db = Database.load(run / "database")
+        ae = load_autoencoder(run, cfg)
+        net = denoiser.build(cfg.denoiser, db.meta["latent_channels"], db.meta["latent_side"])
+        net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", weights))
+        net.eval()
+        latents = block_latents(ae, db, whole=cfg.denoiser.kind == "whole")
+        return cls(cfg, ae, net, db, latents, Diffusion(cfg.denoiser.schedule, cfg.denoiser.timesteps))
+
+
+def load_autoencoder(run: Path, cfg: config.RunConfig) -> VQAutoencoder:
+    ae = VQAutoencoder(cfg.data.channels, cfg.autoencoder)
+    ae.load_state_dict(checkpoint.load_weights(run / "autoencoder.safetensors", "model"))
+    return ae.eval()
+
+
+def block_latents(ae: VQAutoencoder, db: Database, whole: bool) -> torch.Tensor:
+    """The database's latents, scaled, as (N, P, C, s, s); P = 1 for the whole-latent model."""
+    codebook = ae.codebook.embedding.detach().numpy()
+    latents = code_latents(codebook, db.codes) * db.meta["latent_scale"]
+    if whole:
+        latents = blocks.join(latents, db.meta["blocks_per_side"])[:, None]
+    return torch.from_numpy(np.ascontiguousarray(latents)).float()
+
+
+def to_pixels(x: torch.Tensor) -> np.ndarray:
+    """Decoder output in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def generate(m: RunModels, query_ids: list[int], seed: int, steps: int = 50,
+             sampler: str = "ddim", guidance: float = 1.0) -> np.ndarray:
+    """Images (n, H, W, C) uint8: one per query id, conditioned on that entry's neighbours."""
+    positions = m.latents.shape[1]
+    b = int(round(positions ** 0.5))
+    c, s = m.net.latent_channels, m.net.block_size
+    rngs = [np.random.default_rng([seed, i]) for i in range(len(query_ids))]
+    x = torch.from_numpy(np.stack([r.standard_normal((positions, c, s, s)) for r in rngs]).astype(np.float32))
+    pos = torch.arange(positions).repeat(len(query_ids))
+    cond = None
+    if m.net.k:
+        picks = [draw_neighbours(m.db.neighbours[q], m.net.k, r) for q, r in zip(query_ids, rngs)]
+        nb = m.latents[torch.from_numpy(np.stack(picks)).long()]          # (n, k, P, C, s, s)
+        cond = nb.permute(0, 2, 1, 3, 4, 5).reshape(-1, m.net.k * c, s, s)
+
+    def eps_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        eps = m.net(xt, t, pos, cond)
+        if cond is not None and guidance != 1.0:
+            uncond = m.net(xt, t, pos, torch.zeros_like(cond))
+            eps = uncond + guidance * (eps - uncond)
+        return eps
+
+    def noise_fn(_: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([r.standard_normal((positions, c, s, s)) for r in rngs])
+                                .astype(np.float32)).reshape(-1, c, s, s)
+
+    out = m.diffusion.sample(eps_fn, x.reshape(-1, c, s, s), steps, sampler, noise_fn)
+    latent = blocks.join(out.reshape(len(query_ids), positions, c, s, s).numpy(), b)
+    return to_pixels(m.ae.decode_latent(torch.from_numpy(latent) / m.scale))

@@ -1,0 +1,385 @@
+"""`rissole-edge train`: the three stages (autoencoder -> database -> denoiser) of a run.
+
+A run directory holds everything: config.json (resolved), one safetensors checkpoint per
+trained stage (weights, EMA, optimizer), database/, metrics.jsonl and samples/*.png. Every
+stage checkpoints as it goes and resumes from its checkpoint, so a killed run loses at most
+`checkpoint_every` steps. Randomness is derived from (seed, stage, step, rank), which makes a
+resumed run draw the same batches as an uninterrupted one. Under torchrun it trains with DDP.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from rissole_edge.errors import DataError, UsageError
+from rissole_edge.progress import Progress
+
+from . import checkpoint, config, data, database, denoiser
+from .autoencoder import PatchDiscriminator, VQAutoencoder
+from .diffusion import Diffusion
+from .layers import count_parameters
+from .sampling import RunModels, block_latents, generate, load_autoencoder, to_pixels
+
+STAGES = ("autoencoder", "database", "denoiser")
+
+
+class Stopped(Exception):
+    """Training stopped early (time limit or signal) after saving a checkpoint."""
+
+
+class Context:
+    """What every stage needs: the run directory, the config, the device, DDP and the clock."""
+
+    def __init__(self, run: Path, cfg: config.RunConfig, deadline: float | None, progress: bool):
+        self.run, self.cfg, self.deadline, self.progress = run, cfg, deadline, progress
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.signalled = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return DistributedDataParallel(module) if self.world > 1 else module
+
+    def broadcast(self, module: nn.Module) -> None:
+        """Make rank 0's parameters and buffers of `module` everyone's (after non-gradient edits)."""
+        if self.world > 1:
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                dist.broadcast(tensor.data, 0)
+
+    def generator(self, stage: str, step: int) -> torch.Generator:
+        seed = (self.cfg.seed * 1_000_003 + STAGES.index(stage) * 10_007 + self.rank) * 2_000_003 + step
+        return torch.Generator().manual_seed(seed % (2 ** 63))
+
+    def should_stop(self) -> bool:
+        stop = self.signalled or (self.deadline is not None and time.monotonic() > self.deadline)
+        if self.world > 1:
+            flag = torch.tensor(float(stop))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    def log(self, stage: str, step: int, **values: float) -> None:
+        if self.main:
+            record = {"stage": stage, "step": step, "time": round(time.time(), 3), **values}
+            with open(self.run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def loop(self, stage: str, start: int, total: int, save: Callable[[int], None]) -> Iterator[int]:
+        """Steps start..total-1; checkpoints every `checkpoint_every` and at the end; on a
+        time limit or signal it checkpoints and raises `Stopped`."""
+        bar = Progress(total, stage, start, enabled=None if self.progress and self.main else False)
+        try:
+            for step in range(start, total):
+                if self.should_stop():
+                    save(step)
+                    raise Stopped(f"{stage} stopped at step {step}/{total}; checkpoint saved, "
+                                  "continue with --resume")
+                yield step
+                done = step + 1
+                bar.update(done)
+                if done % self.cfg.checkpoint_every == 0 or done == total:
+                    save(done)
+        finally:
+            bar.close()
+
+    def save(self, name: str, step: int, modules: dict[str, nn.Module],
+             optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        if self.main:
+            checkpoint.save(self.run / f"{name}.safetensors", step, modules, optimizers)
+        self.barrier()
+
+    def restore(self, name: str, modules: dict[str, nn.Module],
+                optimizers: dict[str, torch.optim.Optimizer]) -> int:
+        path = self.run / f"{name}.safetensors"
+        return checkpoint.restore(path, modules, optimizers) if path.exists() else 0
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    """uint8 (N, H, W, C) -> one PNG grid."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * h, columns * w, c), 255, np.uint8)
+    for i, im in enumerate(images):
+        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = im
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+
+
+# ---------------------------------------------------------------- stage 1: autoencoder
+
+@torch.no_grad()
+def evaluate_autoencoder(ae: VQAutoencoder, pixels: np.ndarray) -> dict[str, float]:
+    """Reconstruction PSNR (dB, on [0, 255]) and the share of codes in use, on `pixels`."""
+    ae.eval()
+    mse, used = [], set()
+    for i in range(0, len(pixels), 512):
+        x = database.to_tensor(pixels[i:i + 512])
+        out = ae(x)
+        rec = torch.from_numpy(to_pixels(out["recon"])).float()
+        mse.append(((rec - torch.from_numpy(pixels[i:i + 512]).float()) ** 2).mean(dim=(1, 2, 3)))
+        used.update(out["indices"].unique().tolist())
+    ae.train()
+    mse_all = torch.cat(mse).mean().item()
+    return {"psnr": 10 * math.log10(255 ** 2 / max(mse_all, 1e-10)),
+            "codebook_usage": len(used) / ae.cfg.codebook_size}
+
+
+def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
+    cfg = ctx.cfg.autoencoder
+    channels = images.train.shape[-1]
+    ae = VQAutoencoder(channels, cfg).to(ctx.device)
+    disc = PatchDiscriminator(channels).to(ctx.device) if cfg.disc_weight > 0 else None
+    opt = torch.optim.Adam(ae.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    modules, optimizers = {"model": ae}, {"optim": opt}
+    if disc is not None:
+        modules["disc"] = disc
+        optimizers["disc_optim"] = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    start = ctx.restore("autoencoder", modules, optimizers)
+    model = ctx.wrap(ae)
+    critic = ctx.wrap(disc) if disc is not None else None
+    train_x = database.to_tensor(images.train)
+    batch = max(1, cfg.batch_size // ctx.world)
+    test = images.test if len(images.test) else images.train
+    preview = test[:16]
+
+    def save(step: int) -> None:
+        ctx.save("autoencoder", step, modules, optimizers)
+
+    for step in ctx.loop("autoencoder", start, cfg.steps, save):
+        g = ctx.generator("autoencoder", step)
+        x = train_x[torch.randint(len(train_x), (batch,), generator=g)].to(ctx.device)
+        out = model(x)
+        rec_loss = F.l1_loss(out["recon"], x) + F.mse_loss(out["recon"], x)
+        loss = rec_loss + out["codebook_loss"]
+        use_disc = critic is not None and step >= cfg.disc_start
+        if use_disc:
+            loss = loss - cfg.disc_weight * critic(out["recon"]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if use_disc:
+            d_loss = F.relu(1 - critic(x)).mean() + F.relu(1 + critic(out["recon"].detach())).mean()
+            optimizers["disc_optim"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["disc_optim"].step()
+        restarted = ae.codebook.restart(out["z"].detach(), out["indices"], g)
+        ctx.broadcast(ae.codebook)
+        if (step + 1) % ctx.cfg.log_every == 0:
+            ctx.log("autoencoder", step + 1, loss=loss.item(), recon=rec_loss.item(),
+                    codebook=out["codebook_loss"].item(), restarted=restarted)
+        if ctx.main and ((step + 1) % ctx.cfg.sample_every == 0 or step + 1 == cfg.steps):
+            with torch.no_grad():
+                recon = to_pixels(ae(database.to_tensor(preview))["recon"])
+            save_grid(np.concatenate([preview, recon]), ctx.run / "samples" / f"autoencoder-{step + 1:06d}.png")
+    report = evaluate_autoencoder(ae.cpu(), test)
+    report["parameters"] = count_parameters(ae)
+    if ctx.main:
+        ctx.log("autoencoder", cfg.steps, test_psnr=report["psnr"], codebook_usage=report["codebook_usage"])
+        (ctx.run / "autoencoder.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ---------------------------------------------------------------- stage 2: database
+
+def build_database(ctx: Context, images: data.ImageSet) -> dict:
+    folder = ctx.run / "database"
+    if ctx.main:
+        ae = load_autoencoder(ctx.run, ctx.cfg)
+        try:
+            meta = database.build(ae, images.train, images.train_labels, ctx.cfg.database,
+                                  ctx.cfg.denoiser.blocks_per_side, ctx.cfg.denoiser.k, folder,
+                                  ctx.cfg.seed, torch.get_num_threads())
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        ctx.log("database", 0, recall=meta["recall"], ef=meta["ef"], query_us=meta["query_us"])
+    ctx.barrier()
+    return json.loads((folder / "meta.json").read_text())
+
+
+# ---------------------------------------------------------------- stage 3: denoiser
+
+def train_denoiser(ctx: Context) -> dict[str, float]:
+    cfg = ctx.cfg.denoiser
+    db = database.Database.load(ctx.run / "database")
+    ae = load_autoencoder(ctx.run, ctx.cfg)
+    latents = block_latents(ae, db, whole=cfg.kind == "whole").to(ctx.device)   # (N, P, C, s, s)
+    neighbours = torch.from_numpy(db.neighbours).long().to(ctx.device)
+    net = denoiser.build(cfg, db.meta["latent_channels"], db.meta["latent_side"]).to(ctx.device)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    modules, optimizers = {"model": net, "ema": ema}, {"optim": opt}
+    start = ctx.restore("denoiser", modules, optimizers)
+    model = ctx.wrap(net)
+    diffusion = Diffusion(cfg.schedule, cfg.timesteps)
+    n, positions, c, s, _ = latents.shape
+    batch = max(1, cfg.batch_size // ctx.world)
+    preview_ids = np.random.default_rng(ctx.cfg.seed).permutation(n)[:16].tolist()
+
+    def save(step: int) -> None:
+        ctx.save("denoiser", step, modules, optimizers)
+
+    for step in ctx.loop("denoiser", start, cfg.steps, save):
+        g = ctx.generator("denoiser", step)
+        idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
+        pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
+        x0 = latents[idx, pos]
+        cond = None
+        if net.k:
+            # k of the `window` nearest, in rank order: the same rule as at sampling time
+            ranks = torch.rand(batch, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
+            nb = neighbours[idx[:, None], ranks.to(ctx.device)]                     # (batch, k)
+            cond = latents[nb, pos[:, None]].reshape(batch, net.k * c, s, s)
+            if cfg.cond_noise:
+                cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(ctx.device)
+            keep = (torch.rand(batch, generator=g) >= cfg.cond_drop).float().to(ctx.device)
+            cond = cond * keep[:, None, None, None]
+        t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
+        noise = torch.randn(x0.shape, generator=g).to(ctx.device)
+        loss = denoiser.epsilon_loss(model, diffusion.add_noise(x0, t, noise), t.float(), pos, cond, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))     # warm-up: EMA tracks early weights
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        if (step + 1) % ctx.cfg.log_every == 0:
+            ctx.log("denoiser", step + 1, loss=loss.item())
+        if ctx.main and ((step + 1) % ctx.cfg.sample_every == 0 or step + 1 == cfg.steps):
+            m = RunModels(ctx.cfg, ae, ema.cpu().eval(), db, latents.cpu(), diffusion)
+            images = generate(m, preview_ids, seed=ctx.cfg.seed, steps=25)
+            save_grid(images, ctx.run / "samples" / f"denoiser-{step + 1:06d}.png")
+            ema.to(ctx.device)
+    return {"parameters": count_parameters(net)}
+
+
+# ---------------------------------------------------------------- the command
+
+def prepare(source: str, out: Path, preset: str | None, config_file: Path | None,
+            resume: bool) -> config.RunConfig:
+    """Resolve the config and check it against what RUN_DIR already holds."""
+    stored_path = out / "config.json"
+    stored = config.load(stored_path) if stored_path.exists() else None
+    if resume and stored is None:
+        raise UsageError(f"nothing to resume: {out} holds no run (no config.json)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if stored is None and out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} is not empty and holds no run: choose a new folder")
+    if resume and preset is None and config_file is None:
+        cfg = stored
+    else:
+        overrides = config.read_config_file(config_file) if config_file else {}
+        cfg = config.resolve(preset or "small", overrides)
+    cfg.data.source = source if source in ("fashion-mnist", "twemoji") else str(Path(source).resolve())
+    cfg.data.size = cfg.data.size or data.default_size(source)
+    cfg.data.channels = cfg.data.channels or data.default_channels(source)
+    if stored is not None:
+        diff = config.first_difference(stored, cfg)
+        if diff:
+            raise UsageError(f"{out} holds a run with a different config: {diff}; "
+                             "use a new --out, or --resume without --preset/--config")
+    return cfg
+
+
+def check_partial(run: Path, stage: str, resume: bool, total: int) -> None:
+    path = run / f"{stage}.safetensors"
+    if path.exists() and not resume:
+        step = checkpoint.step_of(path)
+        if step < total:
+            raise UsageError(f"the {stage} stage has a checkpoint at step {step}/{total} in {run}: "
+                             "pass --resume to continue it")
+
+
+def train(source: str, out: Path, preset: str | None = None, config_file: Path | None = None,
+          stage: str = "all", max_minutes: float | None = None, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Run the requested stage(s); returns a summary (parameter counts, metrics, status)."""
+    if stage not in STAGES + ("all",):
+        raise UsageError(f"unknown stage {stage!r}; choose autoencoder, database, denoiser or all")
+    if max_minutes is not None and max_minutes <= 0:
+        raise UsageError("--max-minutes must be positive")
+    cfg = prepare(source, out, preset, config_file, resume)
+    images = data.load(source, cfg.data)
+    if len(images.train) < cfg.database.window + 2:
+        raise DataError(f"{len(images.train)} training images are too few: need at least "
+                        f"{cfg.database.window + 2} (database.window + 2)")
+    deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
+    ctx = Context(out, cfg, deadline, progress)
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        config.save(cfg, out / "config.json")
+    ctx.barrier()
+    torch.manual_seed(cfg.seed)
+    summary: dict = {"run": str(out), "status": "complete"}
+    wanted = STAGES if stage == "all" else (stage,)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        ctx.signalled = True
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        for name in wanted:
+            done = stage_complete(out, name, cfg)
+            if stage == "all" and done:
+                continue
+            require_previous(out, name, cfg)
+            if name == "autoencoder":
+                check_partial(out, name, resume, cfg.autoencoder.steps)
+                summary["autoencoder"] = train_autoencoder(ctx, images)
+            elif name == "database":
+                summary["database"] = {k: v for k, v in build_database(ctx, images).items() if k != "key_study"}
+            else:
+                check_partial(out, name, resume, cfg.denoiser.steps)
+                summary["denoiser"] = train_denoiser(ctx)
+    except Stopped as e:
+        summary["status"] = str(e)
+        summary["interrupted"] = ctx.signalled
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return summary
+
+
+def stage_complete(run: Path, stage: str, cfg: config.RunConfig) -> bool:
+    if stage == "database":
+        return (run / "database" / "meta.json").exists()
+    path = run / f"{stage}.safetensors"
+    total = cfg.autoencoder.steps if stage == "autoencoder" else cfg.denoiser.steps
+    return path.exists() and checkpoint.step_of(path) >= total
+
+
+def require_previous(run: Path, stage: str, cfg: config.RunConfig) -> None:
+    before = STAGES[:STAGES.index(stage)]
+    for name in before:
+        if not stage_complete(run, name, cfg):
+            raise UsageError(f"the {stage} stage needs a complete {name} stage in {run}: "
+                             f"run 'rissole-edge train ... --stage {name}' (or --stage all) first")

@@ -1,0 +1,5 @@
+"""`python -m rissole_edge` (and `torchrun -m rissole_edge train ...`) runs the CLI."""
+
+from .cli import main
+
+main()
