@@ -1,0 +1,48 @@
+"""Shared fixtures: the committed image sample and one tiny trained run per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).parent / "data" / "fashion-sample"
+# A run small enough for tests: 16x16 images, 4x4 latent, 2x2 blocks of 2x2.
+TINY_OVERRIDES = """
+seed = 1
+checkpoint_every = 20
+sample_every = 1000
+[data]
+size = 16
+[autoencoder]
+steps = 80
+[denoiser]
+steps = 60
+"""
+
+
+def cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed console script the way a user would."""
+    proc = subprocess.run([sys.executable, "-m", "rissole_edge", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rissole-edge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(TINY_OVERRIDES)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Path:
+    """A complete run (all three stages) on the committed sample."""
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config), check=True)
+    return run

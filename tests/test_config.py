@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from rissole_export import config
+from rissole_export.config import ConfigError
+
+
+@pytest.mark.parametrize("preset", list(config.PRESETS))
+def test_presets_resolve_and_round_trip(preset, tmp_path):
+    cfg = config.resolve(preset)
+    config.save(cfg, tmp_path / "c.json")
+    assert config.load(tmp_path / "c.json") == cfg
+
+
+def test_overrides_apply_and_are_checked():
+    cfg = config.resolve("tiny", {"denoiser": {"k": 2, "channel_mult": [1, 2, 2]}, "seed": 7})
+    assert cfg.denoiser.k == 2 and cfg.denoiser.channel_mult == (1, 2, 2) and cfg.seed == 7
+    with pytest.raises(ConfigError, match="unknown config key 'denoiser.kk'"):
+        config.resolve("tiny", {"denoiser": {"kk": 2}})
+    with pytest.raises(ConfigError, match="must be an integer"):
+        config.resolve("tiny", {"denoiser": {"k": "four"}})
+    with pytest.raises(ConfigError, match="database.window must be at least denoiser.k"):
+        config.resolve("tiny", {"denoiser": {"k": 20}})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        config.resolve("huge")
+
+
+def test_first_difference_names_the_setting():
+    a, b = config.resolve("tiny"), config.resolve("tiny", {"denoiser": {"steps": 5}})
+    assert config.first_difference(a, b) == "denoiser.steps (600 vs 5)"
+    assert config.first_difference(a, config.resolve("tiny")) is None
+
+
+def test_config_file_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[denoiser\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.read_config_file(bad)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"denoiser": {"k": 3}}))
+    assert config.read_config_file(good) == {"denoiser": {"k": 3}}

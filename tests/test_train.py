@@ -1,0 +1,91 @@
+"""`rissole-edge train` end to end: outputs, bad input, resume after a kill, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import SAMPLE, cli
+
+
+def test_a_run_holds_everything(tiny_run):
+    for name in ("config.json", "autoencoder.safetensors", "autoencoder.json", "denoiser.safetensors",
+                 "metrics.jsonl", "database/meta.json", "database/index.bin", "database/codes.npy"):
+        assert (tiny_run / name).exists(), name
+    weights = load_file(str(tiny_run / "denoiser.safetensors"))
+    assert any(k.startswith("ema/") for k in weights) and any(k.startswith("optim/") for k in weights)
+    stages = {json.loads(line)["stage"] for line in (tiny_run / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"autoencoder", "database", "denoiser"}
+    grids = list((tiny_run / "samples").glob("denoiser-*.png"))
+    assert grids and Image.open(grids[0]).size[0] == 8 * 16
+
+
+def _assert_one_line_error(proc, text):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bad_inputs_get_one_line_and_exit_2(tmp_path, tiny_run, tiny_config):
+    out = str(tmp_path / "run")
+    _assert_one_line_error(cli("train", str(tmp_path / "nope"), "--out", out), "not found")
+    (tmp_path / "empty").mkdir()
+    _assert_one_line_error(cli("train", str(tmp_path / "empty"), "--out", out), "no images")
+    (tmp_path / "small").mkdir()
+    Image.new("L", (12, 12)).save(tmp_path / "small" / "a.png")
+    _assert_one_line_error(cli("train", str(tmp_path / "small"), "--out", out), "smaller than the configured size")
+    _assert_one_line_error(cli("train", str(SAMPLE), "--out", out, "--preset", "huge"), "unknown preset")
+    _assert_one_line_error(cli("train", str(SAMPLE), "--out", str(tiny_run), "--preset", "tiny"),
+                           "different config")
+    _assert_one_line_error(cli("train", str(SAMPLE), "--out", out, "--resume"), "nothing to resume")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_run, tiny_config):
+    run = tmp_path / "killed"
+    args = ["train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config)]
+    proc = subprocess.Popen([sys.executable, "-m", "rissole_edge", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "autoencoder.safetensors").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "denoiser.safetensors").exists()            # killed mid-way
+    without_resume = cli(*args)
+    assert without_resume.returncode == 2 and "--resume" in without_resume.stderr
+    cli(*args[:4], "--resume", check=True)                        # the stored config is used
+    for name in ("autoencoder", "denoiser"):
+        a = load_file(str(run / f"{name}.safetensors"))
+        b = load_file(str(tiny_run / f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        different = [k for k in a if not (a[k] == b[k]).all()]
+        assert not different, f"{name}: {different[:3]}"
+
+
+def test_max_minutes_stops_with_a_checkpoint(tmp_path, tiny_config):
+    run = tmp_path / "short"
+    proc = cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config),
+               "--max-minutes", "0.001", "--json", check=True)
+    summary = json.loads(proc.stdout)
+    assert "continue with --resume" in summary["status"]
+    assert (run / "autoencoder.safetensors").exists()
+
+
+def test_ddp_two_processes_on_cpu(tmp_path, tiny_config):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "-m", "rissole_edge", "train", str(SAMPLE), "--out", str(run), "--preset", "tiny",
+                           "--config", str(tiny_config)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = load_file(str(run / "denoiser.safetensors"))
+    assert weights["model/out.2.weight"].abs().sum() > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if r["stage"] == "database"]) == 1        # rank 0 writes alone
