@@ -31,7 +31,7 @@ class DataConfig:
 
 @dataclass
 class AutoencoderConfig:
-    channels: int = 24               # width of the first level
+    channels: int = 16               # width of the first level (full resolution: the costly one)
     channel_mult: tuple[int, ...] = (1, 2, 2)  # one level per entry; each after the first halves the side
     latent_channels: int = 4
     codebook_size: int = 256
@@ -39,7 +39,7 @@ class AutoencoderConfig:
     disc_weight: float = 0.0         # 0 disables the patch discriminator
     disc_start: int = 2000           # step from which the discriminator loss is applied
     steps: int = 6000
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1e-3
 
 
@@ -100,7 +100,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": {},
     # Several hours on 2 cores, or a GPU.
     "base": {
-        "autoencoder": {"channels": 32, "codebook_size": 512, "steps": 20000},
+        "autoencoder": {"channels": 24, "codebook_size": 512, "steps": 20000, "batch_size": 128},
         "database": {"window": 12},
         "denoiser": {"channels": 48, "steps": 60000, "k": 6},
     },
