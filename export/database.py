@@ -163,7 +163,8 @@ def study_keys(latents: np.ndarray, labels: np.ndarray | None, blocks_per_side: 
 
 
 def build(ae: VQAutoencoder, train: np.ndarray, labels: np.ndarray | None, cfg: DatabaseConfig,
-          blocks_per_side: int, k: int, out: Path, seed: int, threads: int) -> dict:
+          blocks_per_side: int, k: int, out: Path, seed: int, threads: int,
+          dataset: dict | None = None) -> dict:
     """Encode the training split and write the database files into `out`; returns its meta."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)     # meta.json is written last: it marks "complete"
@@ -206,7 +207,7 @@ def build(ae: VQAutoencoder, train: np.ndarray, labels: np.ndarray | None, cfg: 
         "key": cfg.key, "key_dim": int(keys.shape[1]), "hnsw_m": cfg.hnsw_m,
         "ef_construction": cfg.ef_construction, "ef": ef, "recall_k": k_query, "recall": rec,
         "query_us": query_us, "build_s": build_s, "window": cfg.window,
-        "duplicates": int(len(groups) - len(np.unique(groups))),
+        "duplicates": int(len(groups) - len(np.unique(groups))), "dataset": dataset or {},
         "index_bytes": (out / "index.bin").stat().st_size,
         "key_study": [vars(s) for s in study_keys(latents, labels, blocks_per_side, k,
                                                    (0, cfg.key_dim), seed)],

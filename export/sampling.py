@@ -7,13 +7,14 @@ the same image when generated alone, in torch and in the runtime.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rissole_edge import blocks
+from rissole_edge import blocks, rng
 from rissole_edge.retrieval import draw_neighbours
 
 from . import checkpoint, config, denoiser
@@ -70,30 +71,36 @@ def to_pixels(x: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def generate(m: RunModels, query_ids: list[int], seed: int, steps: int = 50,
-             sampler: str = "ddim", guidance: float = 1.0) -> np.ndarray:
-    """Images (n, H, W, C) uint8: one per query id, conditioned on that entry's neighbours."""
+             sampler: str = "ddim", guidance: float = 1.0,
+             on_call: Callable[[dict[str, np.ndarray]], None] | None = None) -> np.ndarray:
+    """Images (n, H, W, C) uint8: one per query id, conditioned on that entry's neighbours.
+    `on_call` sees the inputs of every denoiser call (the exporter calibrates int8 on them)."""
     positions = m.latents.shape[1]
     b = int(round(positions ** 0.5))
     c, s = m.net.latent_channels, m.net.block_size
-    rngs = [np.random.default_rng([seed, i]) for i in range(len(query_ids))]
-    x = torch.from_numpy(np.stack([r.standard_normal((positions, c, s, s)) for r in rngs]).astype(np.float32))
+    shape = (positions, c, s, s)
+    images = range(len(query_ids))
+    x = torch.from_numpy(np.stack([rng.initial_noise(seed, i, shape) for i in images]))
     pos = torch.arange(positions).repeat(len(query_ids))
     cond = None
     if m.net.k:
-        picks = [draw_neighbours(m.db.neighbours[q], m.net.k, r) for q, r in zip(query_ids, rngs)]
+        picks = [draw_neighbours(m.db.neighbours[q], m.net.k, rng.neighbour_rng(seed, i))
+                 for i, q in enumerate(query_ids)]
         nb = m.latents[torch.from_numpy(np.stack(picks)).long()]          # (n, k, P, C, s, s)
         cond = nb.permute(0, 2, 1, 3, 4, 5).reshape(-1, m.net.k * c, s, s)
 
     def eps_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if on_call is not None:
+            feeds = {"x": xt.numpy(), "t": t.numpy(), "pos": pos.numpy()}
+            on_call(feeds if cond is None else {**feeds, "cond": cond.numpy()})
         eps = m.net(xt, t, pos, cond)
         if cond is not None and guidance != 1.0:
             uncond = m.net(xt, t, pos, torch.zeros_like(cond))
             eps = uncond + guidance * (eps - uncond)
         return eps
 
-    def noise_fn(_: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([r.standard_normal((positions, c, s, s)) for r in rngs])
-                                .astype(np.float32)).reshape(-1, c, s, s)
+    def noise_fn(step: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([rng.step_noise(seed, i, step, shape) for i in images])).reshape(-1, c, s, s)
 
     out = m.diffusion.sample(eps_fn, x.reshape(-1, c, s, s), steps, sampler, noise_fn)
     latent = blocks.join(out.reshape(len(query_ids), positions, c, s, s).numpy(), b)

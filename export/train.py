@@ -214,7 +214,9 @@ def build_database(ctx: Context, images: data.ImageSet) -> dict:
         try:
             meta = database.build(ae, images.train, images.train_labels, ctx.cfg.database,
                                   ctx.cfg.denoiser.blocks_per_side, ctx.cfg.denoiser.k, folder,
-                                  ctx.cfg.seed, torch.get_num_threads())
+                                  ctx.cfg.seed, torch.get_num_threads(),
+                                  {"name": images.name, "licence": images.licence,
+                                   "attribution": images.attribution, "labels": images.class_names})
         except ValueError as e:
             raise DataError(str(e)) from None
         ctx.log("database", 0, recall=meta["recall"], ef=meta["ef"], query_us=meta["query_us"])
@@ -292,8 +294,8 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
         raise UsageError(f"--out {out} exists and is not a folder")
     if stored is None and out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} is not empty and holds no run: choose a new folder")
-    if resume and preset is None and config_file is None:
-        cfg = stored
+    if stored is not None and preset is None and config_file is None:
+        cfg = stored                     # continuing a run: its own config
     else:
         overrides = config.read_config_file(config_file) if config_file else {}
         cfg = config.resolve(preset or "small", overrides)
@@ -304,7 +306,7 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
         diff = config.first_difference(stored, cfg)
         if diff:
             raise UsageError(f"{out} holds a run with a different config: {diff}; "
-                             "use a new --out, or --resume without --preset/--config")
+                             "use a new --out, or leave out --preset/--config to use the run's own")
     return cfg
 
 

@@ -40,7 +40,7 @@ def _root() -> None:
 def train(
     data: str = typer.Argument(..., help="An image folder (sub-folders = classes), 'fashion-mnist' or 'twemoji'."),
     out: Path = typer.Option(..., "--out", help="Run directory: config, checkpoints, database, metrics, samples."),
-    preset: Optional[str] = typer.Option(None, help="tiny | small | base (default small; on --resume, the run's own)."),
+    preset: Optional[str] = typer.Option(None, help="tiny | small | base (default: small for a new run, the run's own config for an existing one)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON overrides of the preset."),
     stage: str = typer.Option("all", help="autoencoder | database | denoiser | all."),
     max_minutes: Optional[float] = typer.Option(None, help="Checkpoint and stop after this many minutes."),
@@ -59,6 +59,187 @@ def train(
             typer.echo(f"{key}: {value}")
     if summary.get("interrupted"):
         raise typer.Exit(130)
+
+
+def _bundle_path(model: Optional[str]) -> Optional[Path]:
+    """-m takes a bundle file, or the name of a bundle shipped with the package."""
+    if model is None:
+        return None
+    shipped = Path(__file__).parent / "models" / f"{model}.rissole"
+    return shipped if not Path(model).exists() and shipped.exists() else Path(model)
+
+
+@app.command()
+def generate(
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Bundle file or shipped bundle name (default: the shipped default)."),
+    n: int = typer.Option(4, "-n", help="Number of images."),
+    seed: int = typer.Option(0, "--seed", help="Same bundle, seed and settings -> same images."),
+    steps: int = typer.Option(50, "--steps", help="Sampling steps (1 to the schedule's T)."),
+    sampler_name: str = typer.Option("ddim", "--sampler", help="ddim (deterministic) or ddpm."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Neighbour guidance scale (1 = plain conditioning)."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 96MB."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
+    out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs."),
+    grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
+    like: Optional[Path] = typer.Option(None, "--like", help="Generate images like this one (retrieval by image)."),
+    query_id: Optional[int] = typer.Option(None, "--query-id", help="Condition on this database entry's neighbours."),
+    label: Optional[str] = typer.Option(None, "--label", help="Only neighbours of this class (bundles with labels)."),
+    json_out: bool = typer.Option(False, "--json", help="Print what was written and the timings as JSON."),
+) -> None:
+    """Generate images block by block (onnxruntime + numpy + hnswlib; no torch)."""
+    import time
+
+    from . import budget, images
+    from .errors import UsageError
+    from .generator import Generator, Query
+    from .progress import Progress
+
+    if sum(x is not None for x in (like, query_id, label)) > 1:
+        raise UsageError("choose at most one of --like, --query-id and --label")
+    _check_writable(out, grid_file)
+    t0 = time.perf_counter()
+    with Generator.open(_bundle_path(model), memory_budget=memory_budget, threads=threads) as gen:
+        t_open = time.perf_counter() - t0
+        bar = Progress(1, "generate", enabled=None if not json_out else False)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done)
+
+        t1 = time.perf_counter()
+        pictures = gen.generate(n, seed=seed, steps=steps, sampler_name=sampler_name, guidance=guidance,
+                                query=Query(entry=query_id, like=like, label=label), on_progress=progress)
+        bar.close()
+        t_gen = time.perf_counter() - t1
+        plan = gen.plan.describe()
+    written = _write_images(pictures, out, seed, grid_file)
+    _, peak = budget.rss()
+    report = {"images": [str(p) for p in written if p != grid_file], "grid": str(grid_file) if grid_file else None,
+              "open_s": round(t_open, 4), "generate_s": round(t_gen, 4), "per_image_s": round(t_gen / n, 5),
+              "plan": plan, "peak_rss_mb": round(peak / 2 ** 20, 1)}
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(f"wrote {len(pictures)} images to {out}" + (f" and {grid_file}" if grid_file else "")
+                   + f" in {t_gen:.2f} s ({plan}; peak RSS {report['peak_rss_mb']} MB)")
+
+
+def _check_writable(out: Path, grid_file: Optional[Path]) -> None:
+    """Fail before any work if the outputs cannot be written."""
+    import os
+
+    from .errors import UsageError
+
+    for folder in [out] + ([grid_file.parent] if grid_file else []):
+        target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+        if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write to {folder}: not a writable folder")
+
+
+def _write_images(pictures: list, out: Path, seed: int, grid_file: Optional[Path]) -> list[Path]:
+    """Write every PNG, or none: on failure, remove what this call wrote."""
+    from . import images
+    from .errors import UsageError
+
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(pictures):
+            path = out / f"seed{seed}-{i:04d}.png"
+            images.save_png(picture, path)
+            written.append(path)
+        if grid_file is not None:
+            images.save_png(images.grid(pictures), grid_file)
+            written.append(grid_file)
+    except OSError as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise UsageError(f"cannot write images: {e.strerror or e}") from None
+    return written
+
+
+@app.command("export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A complete training run directory."),
+    output: Path = typer.Option(..., "-o", "--output", help="The bundle to write, e.g. fashion.rissole."),
+    quantize: str = typer.Option("int8", help="int8 (static, per-channel, Conv only) or fp32."),
+    target: str = typer.Option("x86", help="Quantization preset: x86 (AVX2/AVX-512 VNNI) or arm64."),
+    calibration_samples: int = typer.Option(32, help="Images whose sampling trajectories calibrate int8."),
+    db_limit: Optional[int] = typer.Option(None, help="Keep only this many database images (a seeded sample)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Export a run to one bundle: int8 ONNX denoiser/decoder, encoder, HNSW index, neighbour blocks."""
+    _toolchain()
+    from rissole_export.exporter import export
+
+    manifest = export(run, output, quantize, target, calibration_samples, db_limit,
+                      log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)))
+    if json_out:
+        typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "members"}, indent=2))
+    else:
+        typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
+        for key, value in manifest.get("parity", {}).items():
+            typer.echo(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+@app.command("build-db")
+def build_db_cmd(
+    bundle: Path = typer.Argument(..., help="The bundle whose models are kept."),
+    images: Path = typer.Argument(..., help="Folder of images for the new database (sub-folders = labels)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The new bundle."),
+) -> None:
+    """Rebuild a bundle's neighbour database from another image folder, without retraining."""
+    _toolchain()
+    from rissole_export.rebuild import build_db
+
+    manifest = build_db(bundle, images, output, log=lambda msg: typer.echo(msg, err=True))
+    r = manifest["retrieval"]
+    typer.echo(f"wrote {output}: {r['images']} images, ef={r['ef']}, recall@{r['window'] + 1}={r['recall']:.3f}")
+
+
+@app.command()
+def info(
+    bundle: Path = typer.Argument(..., help="A .rissole bundle."),
+    json_out: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
+) -> None:
+    """Describe a bundle: geometry, database, quantization, parity, members."""
+    from .bundle import Bundle, Spec
+
+    b = Bundle.open(bundle)
+    m = b.manifest
+    if json_out:
+        typer.echo(json.dumps(m, indent=2))
+        return
+    spec = Spec.from_manifest(m)
+    q = m.get("quantization", {})
+    lines = [
+        f"{bundle}: rissole bundle v{m.get('format_version')} made by rissole-edge {m.get('tool_version')}",
+        f"  images      {spec.image_size}x{spec.image_size}x{spec.image_channels}, "
+        f"latent {spec.latent_channels}x{spec.latent_side}x{spec.latent_side}, "
+        f"{spec.blocks_per_side}x{spec.blocks_per_side} blocks of {spec.block_side}",
+        f"  denoiser    {m.get('denoiser', {}).get('kind')}, {m.get('parameters', {}).get('denoiser')} parameters, "
+        f"{q.get('mode')} {q.get('target', '')}",
+        f"  database    {spec.images} images, k={spec.k} of the nearest {spec.window}, key {spec.key} "
+        f"({spec.key_dim}-d), ef={spec.ef}",
+        f"  dataset     {m.get('dataset', {}).get('name')} ({m.get('dataset', {}).get('licence')})"
+        + (f", labels: {', '.join(spec.labels)}" if spec.labels else ""),
+    ]
+    for key, value in m.get("parity", {}).items():
+        lines.append(f"  parity      {key} = {value:.4g}" if isinstance(value, float) else f"  parity      {key} = {value}")
+    for name, member in b.members.items():
+        lines.append(f"  member      {name:<22} {member.size:>10,} bytes")
+    typer.echo("\n".join(lines))
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="A .rissole bundle.")) -> None:
+    """Check a bundle: checksums, manifest, ONNX models load, index loads, shapes agree."""
+    from .generator import Generator
+
+    with Generator.open(bundle, threads=1) as gen:
+        gen.bundle.verify_all()
+        gen.generate(1, seed=0, steps=1, as_array=True)
+    typer.echo(f"{bundle}: OK")
 
 
 def main() -> None:

@@ -1,0 +1,206 @@
+"""`rissole-edge export`: a trained run -> one verified `.rissole` bundle.
+
+Steps: load the run's EMA denoiser, autoencoder and database; export the three networks to
+ONNX; for int8, calibrate static quantization on the denoiser inputs met along real sampling
+trajectories (every timestep and block position) and on real latents; pack the database; then
+measure parity (fp32 ONNX vs torch per model, int8 vs fp32 on whole generated images, int8
+speed-up) with the very runtime that ships, and write the bundle with those figures inside.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+import rissole_edge
+from rissole_edge import blocks
+from rissole_edge.bundle import Bundle
+from rissole_edge.errors import UsageError
+from rissole_edge.generator import Generator
+
+from . import database, onnx_export, pack, quantize
+from .layers import count_parameters
+from .sampling import RunModels, generate
+from .train import STAGES, stage_complete
+
+PARITY_IMAGES = 16
+
+
+def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int) -> None:
+    if not (run / "config.json").exists():
+        raise UsageError(f"{run} is not a training run (no config.json)")
+    from . import config
+    cfg = config.load(run / "config.json")
+    for stage in STAGES:
+        if not stage_complete(run, stage, cfg):
+            raise UsageError(f"the run's {stage} stage is not complete: finish it with 'rissole-edge train --resume'")
+    if mode not in ("int8", "fp32"):
+        raise UsageError(f"--quantize must be int8 or fp32, got {mode!r}")
+    if target not in quantize.TARGETS:
+        raise UsageError(f"--target must be one of {', '.join(quantize.TARGETS)}, got {target!r}")
+    if not 1 <= calibration <= 10000:
+        raise UsageError("--calibration-samples must be between 1 and 10000")
+    if not out.parent.is_dir():
+        raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"cannot write {out}: it is a folder")
+
+
+def _subset(m: RunModels, limit: int | None, seed: int) -> np.ndarray:
+    """Database ids kept in the bundle (all, or a seeded random `limit` of them)."""
+    n = len(m.db.codes)
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit < m.cfg.database.window + 2:
+        raise UsageError(f"--db-limit must be at least {m.cfg.database.window + 2} (database.window + 2)")
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def _database_members(run: Path, m: RunModels, ids: np.ndarray) -> tuple[dict[str, bytes], dict]:
+    folder = run / "database"
+    keys = np.load(folder / "keys.npy", allow_pickle=False)[ids]
+    meta = m.db.meta
+    ef, recall = meta["ef"], meta["recall"]
+    if len(ids) < len(m.db.codes):
+        index = database.build_index(keys, m.cfg.database.hnsw_m, m.cfg.database.ef_construction, m.cfg.seed)
+        queries = np.arange(min(1000, len(keys)))
+        ef, recall = database.choose_ef(index, keys, queries, meta["recall_k"], m.cfg.database.target_recall)
+        with tempfile.TemporaryDirectory() as tmp:
+            index.save_index(str(Path(tmp, "index.bin")))
+            index_bytes = Path(tmp, "index.bin").read_bytes()
+    else:
+        index_bytes = (folder / "index.bin").read_bytes()
+    pca = np.load(folder / "pca.npz", allow_pickle=False)
+    codes = m.db.codes[ids]
+    if m.cfg.denoiser.kind == "whole":     # one block: the whole latent
+        codes = blocks.join(codes[:, :, None], meta["blocks_per_side"])
+    members = {
+        "codebook.npy": pack.npy(m.ae.codebook.embedding.detach().numpy().astype(np.float32)),
+        "codes.npy": pack.npy(codes),
+        "index.bin": index_bytes,
+        "pca_mean.npy": pack.npy(pca["mean"]),
+        "pca_components.npy": pack.npy(pca["components"]),
+    }
+    labels_path = folder / "labels.npy"
+    if labels_path.exists():
+        members["labels.npy"] = pack.npy(np.load(labels_path, allow_pickle=False)[ids].astype(np.int64))
+    return members, {"ef": ef, "recall": recall, "images": int(len(ids))}
+
+
+def _max_error(session_bytes: bytes, feeds: dict, expected: list[np.ndarray]) -> float:
+    sess = ort.InferenceSession(session_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, feeds)
+    return float(max(np.abs(g.astype(np.float64) - e.astype(np.float64)).max() for g, e in zip(got, expected)))
+
+
+def _time_call(model: bytes, feeds: dict, repeats: int = 30) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
+    return [99.0 if e == 0 else 10 * math.log10(255 ** 2 / e) for e in mse]
+
+
+def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibration_samples: int = 32,
+           db_limit: int | None = None, log=print) -> dict:
+    """Export `run` to the bundle `out`; returns the manifest written."""
+    run, out = Path(run), Path(out)
+    _check_inputs(run, out, mode, target, calibration_samples)
+    torch.set_grad_enabled(False)
+    m = RunModels.load(run)
+    cfg, meta = m.cfg, m.db.meta
+    ids = _subset(m, db_limit, cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+
+    log("exporting ONNX models")
+    nets = {"denoiser.onnx": onnx_export.denoiser(m.net),
+            "decoder.onnx": onnx_export.decoder(m.ae, m.scale, meta["latent_side"]),
+            "encoder.onnx": onnx_export.encoder(m.ae, cfg.data.channels, cfg.data.size)}
+
+    log(f"collecting calibration inputs from {calibration_samples} sampling trajectories")
+    feeds: list[dict] = []
+    calib_ids = rng.permutation(len(m.db.codes))[:calibration_samples].tolist()
+    generate(m, calib_ids, seed=cfg.seed, steps=25, on_call=feeds.append)
+    latents = blocks.join(m.latents[calib_ids].numpy(), cfg.denoiser.blocks_per_side) \
+        if cfg.denoiser.kind != "whole" else m.latents[calib_ids, 0].numpy()
+    latent_feeds = [{"latent": latents[i:i + 8]} for i in range(0, len(latents), 8)]
+
+    parity: dict = {}
+    probe = feeds[len(feeds) // 2]
+    expected = m.net(*[torch.from_numpy(probe[k]) for k in ("x", "t", "pos")],
+                     torch.from_numpy(probe["cond"]) if "cond" in probe else None).numpy()
+    parity["denoiser_fp32_max_abs_error"] = _max_error(nets["denoiser.onnx"], probe, [expected])
+    z = torch.from_numpy(latent_feeds[0]["latent"])
+    parity["decoder_fp32_max_abs_error"] = _max_error(
+        nets["decoder.onnx"], latent_feeds[0], [m.ae.decode_latent(z / m.scale).clamp(-1, 1).numpy()])
+    images = m.ae.decode_latent(z / m.scale).clamp(-1, 1)        # realistic encoder inputs
+    enc = onnx_export._Encoder(m.ae)(images)
+    parity["encoder_fp32_max_abs_error"] = _max_error(nets["encoder.onnx"], {"image": images.numpy()},
+                                                      [enc[0].numpy(), enc[1].numpy()])
+
+    db_members, db_meta = _database_members(run, m, ids)
+    channels = m.net.latent_channels
+    manifest = {
+        "format": "rissole-bundle", "tool_version": rissole_edge.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "name": out.stem,
+        "image": {"size": cfg.data.size, "channels": cfg.data.channels, "background": cfg.data.background},
+        "latent": {"channels": channels, "side": meta["latent_side"], "scale": m.scale,
+                   "codebook_size": cfg.autoencoder.codebook_size},
+        "blocks": {"per_side": cfg.denoiser.blocks_per_side if cfg.denoiser.kind != "whole" else 1,
+                   "side": m.net.block_size},
+        "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, "key": meta["key"],
+                      "key_dim": meta["key_dim"], "hnsw_m": cfg.database.hnsw_m, **db_meta},
+        "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
+        "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
+                     "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
+        "dataset": meta["dataset"],
+        "parameters": {"denoiser": count_parameters(m.net), "decoder": count_parameters(m.ae.decoder)
+                       + m.ae.codebook.embedding.numel(), "encoder": count_parameters(m.ae.encoder)},
+        "memory": {"block_bytes": onnx_export.activation_bytes(nets["denoiser.onnx"]),
+                   "image_bytes": onnx_export.activation_bytes(nets["decoder.onnx"])},
+    }
+
+    # Parity runs on in-memory bundles: no file that looks like a bundle exists before the real one.
+    fp32_bundle = Bundle.in_memory({**manifest, "quantization": {"mode": "fp32"}}, {**nets, **db_members})
+    final = dict(nets)
+    quant_info: dict = {"mode": "fp32"}
+    if mode == "int8":
+        log(f"quantizing to int8 for {target} on {len(feeds)} denoiser and {len(latent_feeds)} decoder batches")
+        final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target)
+        final["decoder.onnx"], _ = quantize.quantize(nets["decoder.onnx"], latent_feeds, target)
+        quant_info = {"mode": "int8", **info, "models": ["denoiser.onnx", "decoder.onnx"],
+                      "fp32_models": ["encoder.onnx"]}
+        int8_bundle = Bundle.in_memory({**manifest, "quantization": quant_info}, {**final, **db_members})
+        log(f"measuring int8 parity on {PARITY_IMAGES} images")
+        with Generator.open(fp32_bundle, threads=2) as g32, Generator.open(int8_bundle, threads=2) as g8:
+            a = g32.generate(PARITY_IMAGES, seed=1234, steps=25, as_array=True)
+            b = g8.generate(PARITY_IMAGES, seed=1234, steps=25, as_array=True)
+        psnr = _psnr(a, b)
+        big = {k: np.concatenate([f[k] for f in feeds[:4]]) for k in feeds[0]}
+        t32, t8 = _time_call(nets["denoiser.onnx"], big), _time_call(final["denoiser.onnx"], big)
+        parity.update({"int8_vs_fp32_psnr_mean": float(np.mean(psnr)), "int8_vs_fp32_psnr_min": float(min(psnr)),
+                       "parity_images": PARITY_IMAGES, "parity_steps": 25,
+                       "denoiser_call_ms_fp32": t32 * 1e3, "denoiser_call_ms_int8": t8 * 1e3,
+                       "denoiser_call_blocks": int(len(big["x"])), "int8_speedup": t32 / t8})
+    manifest.update({"quantization": quant_info, "parity": parity})
+    pack.write(out, manifest, {**final, **db_members})
+    return manifest

@@ -1,0 +1,94 @@
+"""torch -> ONNX for the three networks a bundle carries, with a dynamic batch axis.
+
+Names fixed here are the runtime's contract:
+  denoiser: x (N,C,s,s) f32, t (N,) f32, pos (N,) i64, [cond (N,k*C,s,s) f32] -> eps
+  decoder:  latent (N,C,H,W) f32, scaled as the denoiser sees it -> image (N,c,S,S) in [-1, 1]
+  encoder:  image (N,c,S,S) in [-1, 1] -> latent (N,C,H,W) snapped to codes (unscaled), codes (N,H,W) i64
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .autoencoder import VQAutoencoder
+from .denoiser import UNet
+
+OPSET = 17
+
+
+class _Denoiser(nn.Module):
+    def __init__(self, net: UNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor | None = None):
+        return self.net(x, t, pos, cond)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, ae: VQAutoencoder, scale: float):
+        super().__init__()
+        self.ae, self.scale = ae, scale
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.ae.decode_latent(latent / self.scale).clamp(-1.0, 1.0)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, ae: VQAutoencoder):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = self.ae.codebook.nearest(self.ae.encoder(image))
+        return self.ae.codebook.lookup(codes), codes
+
+
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> bytes:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")       # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module.eval(), args, buf, dynamo=False, opset_version=OPSET,
+                          input_names=inputs, output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in inputs + outputs})
+    model = onnx.load_from_string(buf.getvalue())
+    onnx.checker.check_model(model, full_check=True)
+    return buf.getvalue()
+
+
+def denoiser(net: UNet) -> bytes:
+    c, s = net.latent_channels, net.block_size
+    args = (torch.randn(2, c, s, s), torch.tensor([10.0, 500.0]), torch.tensor([0, net.positions - 1]))
+    inputs = ["x", "t", "pos"]
+    if net.k:
+        args += (torch.randn(2, net.k * c, s, s),)
+        inputs.append("cond")
+    return _export(_Denoiser(net), args, inputs, ["eps"])
+
+
+def decoder(ae: VQAutoencoder, scale: float, latent_side: int) -> bytes:
+    z = torch.randn(2, ae.cfg.latent_channels, latent_side, latent_side) * scale
+    return _export(_Decoder(ae, scale), (z,), ["latent"], ["image"])
+
+
+def encoder(ae: VQAutoencoder, channels: int, size: int) -> bytes:
+    return _export(_Encoder(ae), (torch.rand(2, channels, size, size) * 2 - 1,), ["image"], ["latent", "codes"])
+
+
+def activation_bytes(model: bytes) -> int:
+    """Bytes of every intermediate tensor of one batch item, from ONNX shape inference: an
+    upper bound on what one more item in a call costs (the planner's unit)."""
+    inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(model))
+    graph = inferred.graph
+    total = 0
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
+        total += int(np.prod([d.dim_value if d.dim_value > 0 else 1 for d in dims])) * itemsize
+    return total

@@ -1,0 +1,83 @@
+"""`rissole-edge build-db`: give a bundle a new neighbour database from an image folder.
+
+The database is part of the model, not of the weights: swapping it changes what gets generated
+without retraining. Images are encoded with the bundle's own ONNX encoder, so the new blocks
+live in exactly the latent space the denoiser was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rissole_edge import blocks
+from rissole_edge.bundle import Bundle, Spec
+from rissole_edge.errors import DataError, UsageError
+
+from . import data, database, pack
+from .config import DataConfig
+
+SEED = 0
+
+
+def _encode(encoder: bytes, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sess = ort.InferenceSession(encoder, providers=["CPUExecutionProvider"])
+    latents, codes = [], []
+    for i in range(0, len(pixels), 256):
+        x = pixels[i:i + 256].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        z, c = sess.run(["latent", "codes"], {"image": x})
+        latents.append(z)
+        codes.append(c)
+    return np.concatenate(latents), np.concatenate(codes)
+
+
+def build_db(bundle_path: Path, folder: Path, out: Path, log=print) -> dict:
+    if Path(out).resolve() == Path(bundle_path).resolve():
+        raise UsageError("-o must name a new bundle, not the one being read")
+    source = Bundle.open(bundle_path)
+    source.verify_all()
+    spec = Spec.from_manifest(source.manifest)
+    if "encoder.onnx" not in source.members:
+        raise UsageError(f"{bundle_path} has no encoder, so it cannot encode new images")
+    if spec.k == 0:
+        raise UsageError(f"{bundle_path} does not use retrieval: it has no database to rebuild")
+    m = source.manifest
+    cfg = DataConfig(size=spec.image_size, channels=spec.image_channels,
+                     background=m.get("image", {}).get("background", "#ffffff"), test_percent=0)
+    images = data.load(str(folder), cfg)
+    if len(images.train) < spec.window + 2:
+        raise DataError(f"{len(images.train)} images are too few for a database: need at least {spec.window + 2}")
+    log(f"encoding {len(images.train)} images with the bundle's encoder")
+    latents, codes = _encode(source.read("encoder.onnx"), images.train)
+    full = database.make_keys(latents, spec.key, spec.blocks_per_side)
+    if spec.key_dim < full.shape[1]:
+        mean, components = database.fit_pca(full, spec.key_dim, SEED)
+        keys = database.reduce(full, mean, components)
+    else:
+        mean, components, keys = np.zeros(full.shape[1], np.float32), np.eye(full.shape[1], dtype=np.float32), full
+    index = database.build_index(keys, m["retrieval"].get("hnsw_m", 16), 200, SEED)
+    queries = np.arange(min(1000, len(keys)))
+    ef, recall = database.choose_ef(index, keys, queries, min(len(keys), spec.window + 1), 0.95)
+    index_path = Path(out).with_name(f".{Path(out).name}.index-tmp")
+    try:
+        index.save_index(str(index_path))
+        index_bytes = index_path.read_bytes()
+    finally:
+        index_path.unlink(missing_ok=True)
+    dtype = np.uint8 if spec.codebook_size <= 256 else np.uint16
+    members = {name: source.read(name) for name in ("denoiser.onnx", "decoder.onnx", "encoder.onnx", "codebook.npy")}
+    members.update({
+        "codes.npy": pack.npy(blocks.split(codes[:, None].astype(dtype), spec.blocks_per_side)[:, :, 0]),
+        "index.bin": index_bytes,
+        "pca_mean.npy": pack.npy(mean), "pca_components.npy": pack.npy(components),
+    })
+    if images.train_labels is not None:
+        members["labels.npy"] = pack.npy(images.train_labels.astype(np.int64))
+    manifest = {k: v for k, v in m.items() if k not in ("members", "format_version")}
+    manifest["retrieval"] = {**m["retrieval"], "images": len(keys), "ef": ef, "recall": recall}
+    manifest["dataset"] = {"name": images.name, "licence": images.licence, "attribution": images.attribution,
+                           "labels": images.class_names, "rebuilt_from": m.get("dataset", {}).get("name")}
+    pack.write(Path(out), manifest, members)
+    return manifest

@@ -1,0 +1,231 @@
+"""Reading a `.rissole` bundle: one file with a checksummed JSON manifest and raw members.
+
+Layout (docs/bundle-format.md has the full specification):
+
+    0   8 bytes   magic b"RISSOLE\\0"
+    8   u32 LE    format version
+    12  u32 LE    manifest length L (bytes)
+    16  32 bytes  sha256 of the manifest bytes
+    48  L bytes   manifest, UTF-8 JSON
+    D = 48 + L rounded up to 64: the data area; member m lies at D + offset(m), size(m) bytes
+
+The reader trusts nothing: sizes are checked against the file before anything is read or
+allocated, member names are plain file names, every member's sha256 is checked before it is
+used, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RissoleError
+
+MAGIC = b"RISSOLE\0"
+FORMAT_VERSION = 1
+HEADER = struct.Struct("<8sII32s")          # magic, version, manifest length, manifest sha256
+ALIGN = 64
+MAX_MANIFEST = 1 << 20
+MEMBER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+REQUIRED = ("denoiser.onnx", "decoder.onnx", "codebook.npy", "codes.npy", "index.bin")
+
+
+class BundleError(RissoleError):
+    """A bundle that is missing, damaged, from a newer version, or inconsistent."""
+
+
+def data_start(manifest_length: int) -> int:
+    return -(-(HEADER.size + manifest_length) // ALIGN) * ALIGN
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    offset: int
+    size: int
+    sha256: str
+
+
+class Bundle:
+    """An opened, structurally valid bundle. Members are read (and checksummed) on demand."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], members: dict[str, Member], start: int,
+                 memory: dict[str, bytes] | None = None):
+        self.path, self.manifest, self.members, self._start = path, manifest, members, start
+        self._memory = memory
+
+    @classmethod
+    def in_memory(cls, manifest: dict[str, Any], data: dict[str, bytes]) -> "Bundle":
+        """A bundle that lives only in memory (the exporter's parity check), so that no file
+        that looks like a bundle exists before the real one is complete."""
+        members = {name: Member(name, 0, len(d), hashlib.sha256(d).hexdigest()) for name, d in data.items()}
+        return cls(Path("<memory>"), manifest, members, 0, dict(data))
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Bundle":
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(HEADER.size)
+                if len(head) < HEADER.size or not head.startswith(MAGIC):
+                    raise BundleError(f"{path} is not a rissole bundle (bad magic)")
+                _, version, length, digest = HEADER.unpack(head)
+                if version > FORMAT_VERSION:
+                    raise BundleError(f"{path} has bundle format {version}, newer than this rissole-edge "
+                                      f"reads ({FORMAT_VERSION}): upgrade rissole-edge")
+                if version < 1 or length > MAX_MANIFEST or HEADER.size + length > size:
+                    raise BundleError(f"{path} is damaged: impossible manifest length {length}")
+                raw = f.read(length)
+        except FileNotFoundError:
+            raise BundleError(f"bundle {path} not found") from None
+        except IsADirectoryError:
+            raise BundleError(f"{path} is a folder, not a bundle") from None
+        except OSError as e:
+            raise BundleError(f"cannot read bundle {path}: {e.strerror}") from None
+        if hashlib.sha256(raw).digest() != digest:
+            raise BundleError(f"{path} is damaged: the manifest does not match its checksum")
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise BundleError(f"{path} is damaged: the manifest is not JSON") from None
+        start = data_start(length)
+        members = _check_members(path, manifest, size - start)
+        return cls(path, manifest, members, start)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of one member, after checking its sha256."""
+        m = self.members.get(name)
+        if m is None:
+            raise BundleError(f"{self.path} has no member {name!r}")
+        if self._memory is not None:
+            data = self._memory[name]
+        else:
+            with open(self.path, "rb") as f:
+                f.seek(self._start + m.offset)
+                data = f.read(m.size)
+        if len(data) != m.size or hashlib.sha256(data).hexdigest() != m.sha256:
+            raise BundleError(f"{self.path} is damaged: member {name} does not match its checksum")
+        return data
+
+    def array(self, name: str, dtype: str | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A .npy member, loaded without pickle and checked against the expected dtype/shape."""
+        try:
+            arr = np.load(io.BytesIO(self.read(name)), allow_pickle=False)
+        except ValueError as e:
+            raise BundleError(f"{self.path}: member {name} is not a valid array ({e})") from None
+        if (dtype and arr.dtype != np.dtype(dtype)) or (shape and arr.shape != shape):
+            raise BundleError(f"{self.path}: member {name} is {arr.dtype}{arr.shape}, "
+                              f"the manifest says {dtype}{shape}")
+        return arr
+
+    def verify_all(self) -> None:
+        for name in self.members:
+            self.read(name)
+
+
+def _check_members(path: Path, manifest: Any, data_size: int) -> dict[str, Member]:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), dict):
+        raise BundleError(f"{path} is damaged: the manifest has no member table")
+    members: dict[str, Member] = {}
+    end = 0
+    for name, entry in manifest["members"].items():
+        if not isinstance(name, str) or not MEMBER_NAME.match(name) or ".." in name:
+            raise BundleError(f"{path} is damaged: unsafe member name {name!r}")
+        if not isinstance(entry, dict):
+            raise BundleError(f"{path} is damaged: member {name} has no entry")
+        offset, size, digest = entry.get("offset"), entry.get("size"), entry.get("sha256")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (offset, size)) \
+                or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BundleError(f"{path} is damaged: member {name} has a malformed entry")
+        members[name] = Member(name, offset, size, digest)
+    spans = sorted((m.offset, m.size, m.name) for m in members.values())
+    for offset, size, name in spans:
+        if offset < end or size < 0 or offset % ALIGN:
+            raise BundleError(f"{path} is damaged: member {name} overlaps another or is misplaced")
+        end = offset + size
+    if end != data_size:
+        raise BundleError(f"{path} is damaged or truncated: members end at {end} bytes, "
+                          f"the data area holds {data_size}")
+    missing = [n for n in REQUIRED if n not in members]
+    if missing:
+        raise BundleError(f"{path} is incomplete: missing {', '.join(missing)}")
+    return members
+
+
+def _field(manifest: dict, path: str, kind: type, low: float | None = None, high: float | None = None) -> Any:
+    value: Any = manifest
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if ok and low is not None and not low <= value <= high:
+        ok = False
+    if not ok:
+        raise BundleError(f"bundle manifest field {path} is missing or out of range ({value!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The manifest fields the runtime depends on, type- and range-checked once."""
+    image_size: int
+    image_channels: int
+    latent_channels: int
+    latent_side: int
+    latent_scale: float
+    codebook_size: int
+    blocks_per_side: int
+    block_side: int
+    k: int
+    window: int
+    key: str
+    key_dim: int
+    ef: int
+    images: int
+    schedule: str
+    timesteps: int
+    labels: tuple[str, ...]
+    block_bytes: int
+    image_bytes: int
+
+    @property
+    def positions(self) -> int:
+        return self.blocks_per_side ** 2
+
+    @classmethod
+    def from_manifest(cls, m: dict) -> "Spec":
+        spec = cls(
+            image_size=_field(m, "image.size", int, 4, 4096),
+            image_channels=_field(m, "image.channels", int, 1, 4),
+            latent_channels=_field(m, "latent.channels", int, 1, 64),
+            latent_side=_field(m, "latent.side", int, 1, 1024),
+            latent_scale=_field(m, "latent.scale", float, 1e-6, 1e6),
+            codebook_size=_field(m, "latent.codebook_size", int, 2, 65536),
+            blocks_per_side=_field(m, "blocks.per_side", int, 1, 64),
+            block_side=_field(m, "blocks.side", int, 1, 1024),
+            k=_field(m, "retrieval.k", int, 0, 64),
+            window=_field(m, "retrieval.window", int, 0, 1024),
+            key=_field(m, "retrieval.key", str),
+            key_dim=_field(m, "retrieval.key_dim", int, 1, 65536),
+            ef=_field(m, "retrieval.ef", int, 1, 100000),
+            images=_field(m, "retrieval.images", int, 1, 100_000_000),
+            schedule=_field(m, "schedule.kind", str),
+            timesteps=_field(m, "schedule.timesteps", int, 1, 100000),
+            labels=tuple(_field(m, "dataset.labels", list)),
+            block_bytes=_field(m, "memory.block_bytes", int, 1, 1 << 34),
+            image_bytes=_field(m, "memory.image_bytes", int, 1, 1 << 34),
+        )
+        if spec.block_side * spec.blocks_per_side != spec.latent_side or spec.window < spec.k \
+                or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in ("linear", "cosine"):
+            raise BundleError("bundle manifest geometry is inconsistent")
+        return spec

@@ -1,0 +1,241 @@
+"""`Generator`: open a bundle, then query -> neighbour blocks -> denoise blocks -> decode.
+
+Every block is denoised from its own noise, conditioned only on the same-position blocks of
+the image's k neighbours, so blocks of many images can share one denoiser call. How many do is
+the memory planner's decision (budget.py). One Generator may be shared by threads: calls are
+serialised on the heavy part so that the process stays within its memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from . import blocks, budget, rng, sampler
+from .bundle import Bundle, BundleError, Spec
+from .errors import UsageError
+from .images import to_pil, to_uint8
+from .onnx_guard import check_self_contained
+from .retrieval import Database
+from .schedule import alphas_cumprod
+
+MAX_IMAGES = 10_000
+DEFAULT_STEPS = 50
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Query:
+    """What an image is generated "from": a database entry, an image, or a class label."""
+    entry: int | None = None
+    like: str | Path | Image.Image | None = None
+    label: str | None = None
+
+
+def _session(model: bytes, name: str, threads: int, low_memory: bool) -> ort.InferenceSession:
+    check_self_contained(model, name)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if low_memory:   # no arena: freed activations go back to the OS, so RSS tracks what is live
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
+        raise BundleError(f"the bundle's {name} does not load in onnxruntime: {str(e).splitlines()[0]}") from None
+
+
+class Generator:
+    """A loaded bundle that generates images. Use `Generator.open(...)`."""
+
+    def __init__(self, bundle: Bundle, spec: Spec, threads: int, memory_budget: int | None):
+        self.bundle, self.spec = bundle, spec
+        manifest = bundle.manifest
+        low_memory = memory_budget is not None
+        self.denoiser = _session(bundle.read("denoiser.onnx"), "denoiser", threads, low_memory)
+        self.decoder = _session(bundle.read("decoder.onnx"), "decoder", threads, low_memory)
+        self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
+        self._session_args = (threads, low_memory)
+        self.db = Database(bundle, spec)
+        sched = manifest["schedule"]
+        self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, float(sched.get("beta_start", 1e-4)),
+                                        float(sched.get("beta_end", 0.02)))
+        self.plan = budget.make_plan(memory_budget, spec.block_bytes, spec.image_bytes, spec.positions)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
+             threads: int | None = None) -> "Generator":
+        """Open a bundle (default: the one shipped with the package) within a memory budget
+        (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit."""
+        budget_bytes = budget.parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
+        if threads is not None and not 1 <= threads <= 256:
+            raise UsageError(f"threads must be between 1 and 256, got {threads}")
+        bundle = path if isinstance(path, Bundle) else Bundle.open(path if path is not None else default_bundle())
+        spec = Spec.from_manifest(bundle.manifest)
+        load = sum(m.size for m in bundle.members.values())
+        budget.check_before_loading(budget_bytes, 2 * load)
+        return cls(bundle, spec, threads or min(4, os.cpu_count() or 1), budget_bytes)
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the sessions and the database (their memory goes with them)."""
+        with self._lock:
+            self._closed = True
+            self.denoiser = self.decoder = self.encoder = self.db = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, n: int = 1, seed: int = 0, steps: int = DEFAULT_STEPS, sampler_name: str = "ddim",
+                 query: Query | None = None, guidance: float = 1.0, on_progress: Progress | None = None,
+                 as_array: bool = False, first_index: int = 0) -> list[Image.Image] | np.ndarray:
+        """Generate images number first_index .. first_index + n - 1 of this seed.
+
+        Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
+        pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
+        self._check(n, steps, sampler_name, guidance, seed)
+        if not isinstance(first_index, int) or not 0 <= first_index < 2 ** 62:
+            raise UsageError(f"first_index must be a non-negative integer, got {first_index}")
+        query = query or Query()
+        with self._lock:
+            if self._closed:
+                raise UsageError("this Generator is closed")
+            ids = list(range(first_index, first_index + n))
+            cond = self._conditions(ids, seed, query)
+            latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, on_progress)
+            pixels = self._decode(latents)
+        return pixels if as_array else [to_pil(p) for p in pixels]
+
+    def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
+        if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+            raise UsageError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        if not isinstance(steps, int) or not 1 <= steps <= self.spec.timesteps:
+            raise UsageError(f"steps must be between 1 and {self.spec.timesteps}, got {steps}")
+        if sampler_name not in sampler.SAMPLERS:
+            raise UsageError(f"unknown sampler {sampler_name!r}; choose {' or '.join(sampler.SAMPLERS)}")
+        if not 0 <= guidance <= 20:
+            raise UsageError(f"guidance must be between 0 and 20, got {guidance}")
+        if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise UsageError(f"seed must be a non-negative integer, got {seed}")
+
+    def _conditions(self, ids: list[int], seed: int, query: Query) -> np.ndarray | None:
+        """Neighbour blocks per image: (n, P, k*C, s, s), or None for a bundle without retrieval."""
+        n = len(ids)
+        spec = self.spec
+        if spec.k == 0:
+            return None
+        label = self.db.label_id(query.label) if query.label is not None else None
+        if query.entry is not None and not 0 <= query.entry < spec.images:
+            raise UsageError(f"query id must be between 0 and {spec.images - 1}, got {query.entry}")
+        like_key = like_codes = None
+        if query.like is not None:
+            like_key, like_codes = self._encode_query(query.like)
+        out = np.empty((n, spec.positions, spec.k * spec.latent_channels, spec.block_side, spec.block_side),
+                       np.float32)
+        for row, i in enumerate(ids):
+            if like_key is not None:
+                found = self.db.neighbours(like_key, like_codes, rng.neighbour_rng(seed, i), label)
+            else:
+                entry = query.entry if query.entry is not None else \
+                    self.db.random_entry(rng.query_rng(seed, i), label)
+                found = self.db.neighbours(self.db.key_of_entry(entry), self.db.codes[entry],
+                                           rng.neighbour_rng(seed, i), label, exclude=entry)
+            nb = self.db.blocks(found)                                 # (k, P, C, s, s)
+            out[row] = nb.transpose(1, 0, 2, 3, 4).reshape(spec.positions, -1, spec.block_side, spec.block_side)
+        return out
+
+    def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        if "encoder.onnx" not in self.bundle.members:
+            raise UsageError("this bundle has no encoder, so it cannot search by image")
+        if self.encoder is None:
+            self.encoder = _session(self.bundle.read("encoder.onnx"), "encoder", *self._session_args)
+        if not isinstance(like, Image.Image):
+            try:
+                with Image.open(like) as im:
+                    im.load()
+                    like = im.copy()
+            except (OSError, ValueError) as e:
+                raise UsageError(f"cannot read image {like}: {e}") from None
+        size, channels = self.spec.image_size, self.spec.image_channels
+        im = like.convert("RGBA")
+        base = Image.new("RGBA", im.size, self.bundle.manifest.get("image", {}).get("background", "#ffffff"))
+        im = Image.alpha_composite(base, im).convert("L" if channels == 1 else "RGB")
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+        x = np.asarray(im, np.float32).reshape(size, size, channels).transpose(2, 0, 1)[None] / 127.5 - 1.0
+        latent, codes = self.encoder.run(["latent", "codes"], {"image": x})
+        own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
+        return self.db.key_of_latent(latent[0]), own
+
+    def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
+                 guidance: float, on_progress: Progress | None) -> np.ndarray:
+        """All n*P blocks, in chunks of `plan.blocks_per_call`, each chunk run through every step.
+        Work items are (row, position); row r is image number ids[r]."""
+        spec = self.spec
+        shape = (spec.positions, spec.latent_channels, spec.block_side, spec.block_side)
+        work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
+        chunk = self.plan.blocks_per_call
+        out = np.empty((len(ids),) + shape, np.float32)
+        total, done = -(-len(work) // chunk) * steps, 0
+        for start in range(0, len(work), chunk):
+            items = work[start:start + chunk]
+            img = np.array([i for i, _ in items])
+            pos = np.array([p for _, p in items], dtype=np.int64)
+            x = np.stack([rng.initial_noise(seed, ids[r], shape)[p] for r, p in items])
+            c = np.stack([cond[r, p] for r, p in items]) if cond is not None else None
+
+            def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
+                feeds = {"x": xt, "t": t, "pos": pos}
+                if c is None:
+                    return self.denoiser.run(["eps"], feeds)[0]
+                eps = self.denoiser.run(["eps"], {**feeds, "cond": c})[0]
+                if guidance != 1.0:
+                    uncond = self.denoiser.run(["eps"], {**feeds, "cond": np.zeros_like(c)})[0]
+                    eps = uncond + guidance * (eps - uncond)
+                return eps
+
+            def noise_fn(step: int) -> np.ndarray:
+                return np.stack([rng.step_noise(seed, ids[r], step, shape)[p] for r, p in items])
+
+            def tick() -> None:
+                nonlocal done
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+
+            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, tick)
+            out[img, pos] = x
+        return out
+
+    def _decode(self, latents: np.ndarray) -> np.ndarray:
+        """(n, P, C, s, s) blocks -> uint8 images, `plan.images_per_decode` at a time."""
+        whole = blocks.join(latents, self.spec.blocks_per_side)
+        out = []
+        for start in range(0, len(whole), self.plan.images_per_decode):
+            z = np.ascontiguousarray(whole[start:start + self.plan.images_per_decode])
+            out.append(to_uint8(self.decoder.run(["image"], {"latent": z})[0]))
+        return np.concatenate(out)
+
+
+def default_bundle() -> Path:
+    """The bundle shipped inside the package, if one is installed."""
+    path = Path(__file__).parent / "models" / "fashion-mnist.rissole"
+    if not path.exists():
+        raise UsageError("no default bundle is installed: pass -m BUNDLE (make one with 'rissole-edge export')")
+    return path
