@@ -16,6 +16,7 @@ MiB = 1 << 20
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 MARGIN = 6 * MiB            # allocator slack, Python objects, numpy temporaries
+SESSION_INIT = 18 * MiB     # onnxruntime's first session (thread pools, kernels), measured on x86_64
 MAX_BATCH_BLOCKS = 256      # past this, bigger calls stop getting faster on a CPU
 
 
@@ -63,7 +64,7 @@ def check_before_loading(budget: int | None, load_bytes: int) -> None:
     if budget is None:
         return
     now, _ = rss()
-    need = now + load_bytes + MARGIN
+    need = now + SESSION_INIT + load_bytes + MARGIN
     if need > budget:
         raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: "
                          f"at least {mb(need)}")

@@ -46,3 +46,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_config: Path) -> Pat
     run = tmp_path_factory.mktemp("runs") / "tiny"
     cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config), check=True)
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run exported to an int8 bundle."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny.rissole"
+    cli("export", str(tiny_run), "-o", str(out), "--calibration-samples", "8", check=True)
+    return out

@@ -1,0 +1,168 @@
+"""The torch-free runtime: determinism, batching, threads, budget, samplers, bad input."""
+
+import json
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rissole_edge import sampler as np_sampler
+from rissole_edge.errors import UsageError
+from rissole_edge.generator import Generator, Query
+from rissole_edge.schedule import alphas_cumprod
+from rissole_export.diffusion import Diffusion
+from rissole_export.sampling import RunModels
+
+from conftest import SAMPLE, cli
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_bundle):
+    with Generator.open(tiny_bundle, threads=1) as g:
+        yield g
+
+
+def test_same_seed_same_pixels_and_seeds_differ(tiny_bundle, gen):
+    a = gen.generate(3, seed=5, steps=10, as_array=True)
+    with Generator.open(tiny_bundle, threads=2) as other:
+        b = other.generate(3, seed=5, steps=10, as_array=True)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, gen.generate(3, seed=6, steps=10, as_array=True))
+
+
+@pytest.mark.parametrize("sampler_name", ["ddim", "ddpm"])
+def test_image_i_of_a_batch_equals_it_alone(gen, sampler_name):
+    batch = gen.generate(4, seed=3, steps=8, sampler_name=sampler_name, as_array=True)
+    for i in range(4):
+        alone = gen.generate(1, seed=3, steps=8, sampler_name=sampler_name, first_index=i, as_array=True)
+        assert np.array_equal(batch[i], alone[0]), i
+
+
+def _generate_under_budget(bundle, budget, out):
+    proc = cli("generate", "-m", str(bundle), "-n", "3", "--steps", "6", "--seed", "9", "--memory-budget", budget,
+               "-o", str(out), "--json", "--threads", "1", check=True)
+    report = json.loads(proc.stdout)
+    return report, np.stack([np.asarray(Image.open(p), dtype=int) for p in report["images"]])
+
+
+def test_budgets_are_honoured_and_refused_below_the_minimum(tiny_bundle, tmp_path):
+    """Each run is its own process: the budget is about the whole process's peak RSS."""
+    refusal = _error(cli("generate", "-m", str(tiny_bundle), "--memory-budget", "20MB", "-o", str(tmp_path / "x")))
+    assert "below what this bundle needs: at least" in refusal and not (tmp_path / "x").exists()
+    minimum = int(refusal.split("at least ")[1].rstrip("MB")) + 2
+    small, a = _generate_under_budget(tiny_bundle, f"{minimum}MB", tmp_path / "small")
+    large, b = _generate_under_budget(tiny_bundle, "512MB", tmp_path / "large")
+    assert small["peak_rss_mb"] <= minimum and large["peak_rss_mb"] <= 512
+    assert int(small["plan"].split()[0]) < int(large["plan"].split()[0])
+    assert np.abs(a - b).max() <= 1          # batching changes float summation order only
+
+
+def test_four_threads_share_one_generator(gen):
+    serial = [gen.generate(2, seed=s, steps=5, as_array=True) for s in range(8)]
+    results = [None] * 8
+
+    def work(s):
+        results[s] = gen.generate(2, seed=s, steps=5, as_array=True)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
+    for t in threads[:4]:
+        t.start()
+    for t in threads[4:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(a, b) for a, b in zip(serial, results))
+
+
+def test_queries_by_id_label_and_image(gen):
+    by_id = gen.generate(2, seed=0, steps=4, query=Query(entry=7), as_array=True)
+    assert by_id.shape[0] == 2
+    gen.generate(1, seed=0, steps=4, query=Query(label="sneaker"))
+    like = Image.open(next((SAMPLE / "bag").iterdir()))
+    assert gen.generate(1, seed=0, steps=4, query=Query(like=like))[0].size == (16, 16)
+    with pytest.raises(UsageError, match="unknown label"):
+        gen.generate(1, query=Query(label="hat"))
+    with pytest.raises(UsageError, match="query id"):
+        gen.generate(1, query=Query(entry=10 ** 6))
+
+
+def test_numpy_samplers_match_the_torch_samplers(tiny_run):
+    """The same network and the same noise through both samplers (torch reference, numpy runtime)."""
+    m = RunModels.load(tiny_run)
+    net = m.net
+    torch.manual_seed(0)
+    shape = (6, net.latent_channels, net.block_size, net.block_size)
+    x = torch.randn(shape)
+    pos = torch.arange(6) % net.positions
+    cond = torch.randn(6, net.k * net.latent_channels, net.block_size, net.block_size)
+    noises = [torch.randn(shape) for _ in range(30)]
+    for name, steps in (("ddim", 20), ("ddpm", 30)):
+        ref = Diffusion("linear", 1000).sample(lambda xt, t: net(xt, t, pos, cond), x, steps, name,
+                                               lambda i: noises[i])
+
+        def eps_np(xt, t):
+            with torch.no_grad():
+                return net(torch.from_numpy(xt), torch.from_numpy(t), pos, cond).numpy()
+
+        out = np_sampler.sample(eps_np, x.numpy(), alphas_cumprod("linear", 1000), steps, name,
+                                lambda i: noises[i].numpy())
+        assert np.abs(out - ref.numpy()).max() < 1e-4, name
+
+
+def test_torch_is_never_imported_by_generation(tiny_bundle, tmp_path):
+    code = (
+        "import sys, rissole_edge.cli as c\n"
+        f"sys.argv = ['rissole-edge', 'generate', '-m', r'{tiny_bundle}', '-n', '2', '--steps', '3', "
+        f"'-o', r'{tmp_path}']\n"
+        "try:\n    c.main()\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules, any(m.startswith('rissole_export') for m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False False"
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def _error(proc):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def test_generate_bad_inputs(tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    base = ["generate", "-m", str(tiny_bundle), "-o", str(out)]
+    assert "not found" in _error(cli("generate", "-m", str(tmp_path / "none.rissole"), "-o", str(out)))
+    (tmp_path / "corrupt.rissole").write_bytes(b"RISSOLE\0garbage")
+    _error(cli("generate", "-m", str(tmp_path / "corrupt.rissole"), "-o", str(out)))
+    assert "number of images" in _error(cli(*base, "-n", "0"))
+    assert "number of images" in _error(cli(*base, "-n", "100000000"))
+    assert "steps" in _error(cli(*base, "--steps", "0"))
+    assert "steps" in _error(cli(*base, "--steps", "5000"))
+    assert "at least" in _error(cli(*base, "--memory-budget", "10MB"))
+    assert "memory size" in _error(cli(*base, "--memory-budget", "lots"))
+    assert "unknown label" in _error(cli(*base, "--label", "hat"))
+    (tmp_path / "bad.png").write_bytes(b"no png")
+    assert "cannot read image" in _error(cli(*base, "--like", str(tmp_path / "bad.png")))
+    assert "at most one" in _error(cli(*base, "--like", str(tmp_path / "bad.png"), "--label", "bag"))
+    (tmp_path / "file").write_text("x")
+    assert "cannot write" in _error(cli("generate", "-m", str(tiny_bundle), "-o", str(tmp_path / "file" / "sub")))
+    assert not out.exists()
+
+
+def test_generate_writes_pngs_grid_and_json(tiny_bundle, tmp_path):
+    proc = cli("generate", "-m", str(tiny_bundle), "-n", "3", "--steps", "5", "-o", str(tmp_path / "o"),
+               "--grid", str(tmp_path / "grid.png"), "--json", check=True)
+    report = json.loads(proc.stdout)
+    assert len(report["images"]) == 3 and Image.open(tmp_path / "grid.png").size == (32, 32)
+    assert report["peak_rss_mb"] > 0 and report["per_image_s"] > 0
+
+
+def test_closed_generator_refuses_work(tiny_bundle):
+    g = Generator.open(tiny_bundle)
+    g.close()
+    with pytest.raises(UsageError, match="closed"):
+        g.generate(1)
