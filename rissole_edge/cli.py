@@ -158,6 +158,33 @@ def _write_images(pictures: list, out: Path, seed: int, grid_file: Optional[Path
     return written
 
 
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "-m", "--model", help="Bundle file or shipped bundle name."),
+    quick: bool = typer.Option(False, "--quick", help="A few seconds: 5 steps, 2 images, no budget run."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Measure cold and warm latency, denoiser call time, batched throughput and peak RSS."""
+    from .bench import bench as run_bench
+    from .bundle import Bundle
+    from .generator import default_bundle
+
+    path = _bundle_path(model) or default_bundle()
+    Bundle.open(path)                      # a bad bundle fails here, in one line
+    results = run_bench(path, quick)
+    if json_out:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        c = r["config"]
+        name = f"threads={c['threads']} steps={c['steps']}" + (f" budget={c['budget'] / 2 ** 20:.0f}MB" if c.get("budget") else "")
+        if "error" in r:
+            typer.echo(f"{name}: failed: {r['error']}")
+            continue
+        typer.echo(f"{name}: cold {r['cold_s']:.2f} s (open {r['open_s']:.3f} s), warm {r['warm_image_s'] * 1e3:.0f} ms/image, "
+                   f"batched {r['batched_images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.1f} MB ({r['plan']})")
+
+
 @app.command("export")
 def export_cmd(
     run: Path = typer.Argument(..., help="A complete training run directory."),
