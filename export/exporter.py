@@ -120,7 +120,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibration_samples: int = 32,
-           db_limit: int | None = None, log=print) -> dict:
+           db_limit: int | None = None, log=print, signing_key: bytes | None = None) -> dict:
     """Export `run` to the bundle `out`; returns the manifest written."""
     run, out = Path(run), Path(out)
     _check_inputs(run, out, mode, target, calibration_samples)
@@ -202,5 +202,5 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
                        "denoiser_call_ms_fp32": t32 * 1e3, "denoiser_call_ms_int8": t8 * 1e3,
                        "denoiser_call_blocks": int(len(big["x"])), "int8_speedup": t32 / t8})
     manifest.update({"quantization": quant_info, "parity": parity})
-    pack.write(out, manifest, {**final, **db_members})
+    pack.write(out, manifest, {**final, **db_members}, signing_key)
     return manifest

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rissole_edge import ed25519
 from rissole_edge.bundle import ALIGN, FORMAT_VERSION, HEADER, MAGIC, data_start
 
 
@@ -25,14 +26,17 @@ def npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write(path: Path, manifest: dict, members: dict[str, bytes]) -> None:
+def write(path: Path, manifest: dict, members: dict[str, bytes], signing_key: bytes | None = None) -> None:
+    """Write the bundle; with `signing_key` (a 32-byte Ed25519 secret) sign its manifest."""
     table, offset = {}, 0
     for name, data in members.items():
         table[name] = {"offset": offset, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         offset += -(-len(data) // ALIGN) * ALIGN
     manifest = {**manifest, "format_version": FORMAT_VERSION, "members": table}
     raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    header = HEADER.pack(MAGIC, FORMAT_VERSION, len(raw), hashlib.sha256(raw).digest())
+    signer, signature = (ed25519.public_key(signing_key), ed25519.sign(signing_key, raw)) if signing_key \
+        else (bytes(32), bytes(64))
+    header = HEADER.pack(MAGIC, FORMAT_VERSION, len(raw), hashlib.sha256(raw).digest(), signer, signature)
     start = data_start(len(raw))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")

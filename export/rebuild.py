@@ -33,7 +33,7 @@ def _encode(encoder: bytes, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.concatenate(latents), np.concatenate(codes)
 
 
-def build_db(bundle_path: Path, folder: Path, out: Path, log=print) -> dict:
+def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key: bytes | None = None) -> dict:
     if Path(out).resolve() == Path(bundle_path).resolve():
         raise UsageError("-o must name a new bundle, not the one being read")
     source = Bundle.open(bundle_path)
@@ -79,5 +79,5 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print) -> dict:
     manifest["retrieval"] = {**m["retrieval"], "images": len(keys), "ef": ef, "recall": recall}
     manifest["dataset"] = {"name": images.name, "licence": images.licence, "attribution": images.attribution,
                            "labels": images.class_names, "rebuilt_from": m.get("dataset", {}).get("name")}
-    pack.write(Path(out), manifest, members)
+    pack.write(Path(out), manifest, members, signing_key)
     return manifest

@@ -2,12 +2,14 @@
 
 Layout (docs/bundle-format.md has the full specification):
 
-    0   8 bytes   magic b"RISSOLE\\0"
-    8   u32 LE    format version
-    12  u32 LE    manifest length L (bytes)
-    16  32 bytes  sha256 of the manifest bytes
-    48  L bytes   manifest, UTF-8 JSON
-    D = 48 + L rounded up to 64: the data area; member m lies at D + offset(m), size(m) bytes
+    0    8 bytes   magic b"RISSOLE\\0"
+    8    u32 LE    format version
+    12   u32 LE    manifest length L (bytes)
+    16   32 bytes  sha256 of the manifest bytes
+    48   32 bytes  Ed25519 public key of the signer (zeros: unsigned)
+    80   64 bytes  Ed25519 signature of the manifest bytes (zeros: unsigned)
+    144  L bytes   manifest, UTF-8 JSON
+    D = 144 + L rounded up to 64: the data area; member m lies at D + offset(m), size(m) bytes
 
 The reader trusts nothing: sizes are checked against the file before anything is read or
 allocated, member names are plain file names, every member's sha256 is checked before it is
@@ -27,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from . import ed25519
 from .errors import RissoleError
 
 MAGIC = b"RISSOLE\0"
 FORMAT_VERSION = 1
-HEADER = struct.Struct("<8sII32s")          # magic, version, manifest length, manifest sha256
+HEADER = struct.Struct("<8sII32s32s64s")    # magic, version, manifest length, sha256, signer, signature
 ALIGN = 64
 MAX_MANIFEST = 1 << 20
 MEMBER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -58,9 +61,10 @@ class Bundle:
     """An opened, structurally valid bundle. Members are read (and checksummed) on demand."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], members: dict[str, Member], start: int,
-                 memory: dict[str, bytes] | None = None):
+                 memory: dict[str, bytes] | None = None, signer: bytes | None = None):
         self.path, self.manifest, self.members, self._start = path, manifest, members, start
         self._memory = memory
+        self.signer = signer          # the public key that signed the manifest, if any
 
     @classmethod
     def in_memory(cls, manifest: dict[str, Any], data: dict[str, bytes]) -> "Bundle":
@@ -70,7 +74,8 @@ class Bundle:
         return cls(Path("<memory>"), manifest, members, 0, dict(data))
 
     @classmethod
-    def open(cls, path: str | Path) -> "Bundle":
+    def open(cls, path: str | Path, trusted_keys: list[bytes] | None = None) -> "Bundle":
+        """Open and check a bundle. With `trusted_keys`, it must be signed by one of them."""
         path = Path(path)
         try:
             size = path.stat().st_size
@@ -78,7 +83,7 @@ class Bundle:
                 head = f.read(HEADER.size)
                 if len(head) < HEADER.size or not head.startswith(MAGIC):
                     raise BundleError(f"{path} is not a rissole bundle (bad magic)")
-                _, version, length, digest = HEADER.unpack(head)
+                _, version, length, digest, signer, signature = HEADER.unpack(head)
                 if version > FORMAT_VERSION:
                     raise BundleError(f"{path} has bundle format {version}, newer than this rissole-edge "
                                       f"reads ({FORMAT_VERSION}): upgrade rissole-edge")
@@ -93,13 +98,21 @@ class Bundle:
             raise BundleError(f"cannot read bundle {path}: {e.strerror}") from None
         if hashlib.sha256(raw).digest() != digest:
             raise BundleError(f"{path} is damaged: the manifest does not match its checksum")
+        signed = any(signer) or any(signature)
+        if signed and not ed25519.verify(signer, raw, signature):
+            raise BundleError(f"{path} has an invalid signature: it was altered or is damaged")
+        if trusted_keys is not None:
+            if not signed:
+                raise BundleError(f"{path} is not signed, and only signed bundles are trusted here")
+            if signer not in trusted_keys:
+                raise BundleError(f"{path} is signed by key {signer.hex()[:16]}..., which is not trusted here")
         try:
             manifest = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise BundleError(f"{path} is damaged: the manifest is not JSON") from None
         start = data_start(length)
         members = _check_members(path, manifest, size - start)
-        return cls(path, manifest, members, start)
+        return cls(path, manifest, members, start, signer=signer if signed else None)
 
     def read(self, name: str) -> bytes:
         """The bytes of one member, after checking its sha256."""

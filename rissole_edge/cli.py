@@ -85,6 +85,7 @@ def generate(
     query_id: Optional[int] = typer.Option(None, "--query-id", help="Condition on this database entry's neighbours."),
     label: Optional[str] = typer.Option(None, "--label", help="Only neighbours of this class (bundles with labels)."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written and the timings as JSON."),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Only accept bundles signed by this public key (repeatable)."),
 ) -> None:
     """Generate images block by block (onnxruntime + numpy + hnswlib; no torch)."""
     import time
@@ -98,7 +99,8 @@ def generate(
         raise UsageError("choose at most one of --like, --query-id and --label")
     _check_writable(out, grid_file)
     t0 = time.perf_counter()
-    with Generator.open(_bundle_path(model), memory_budget=memory_budget, threads=threads) as gen:
+    with Generator.open(_bundle_path(model), memory_budget=memory_budget, threads=threads,
+                        trusted_keys=_trusted(trusted_key)) as gen:
         t_open = time.perf_counter() - t0
         bar = Progress(1, "generate", enabled=None if not json_out else False)
 
@@ -122,6 +124,12 @@ def generate(
     else:
         typer.echo(f"wrote {len(pictures)} images to {out}" + (f" and {grid_file}" if grid_file else "")
                    + f" in {t_gen:.2f} s ({plan}; peak RSS {report['peak_rss_mb']} MB)")
+
+
+def _trusted(paths: Optional[list[Path]]) -> Optional[list[bytes]]:
+    from .keys import read_public
+
+    return [read_public(p) for p in paths] if paths else None
 
 
 def _check_writable(out: Path, grid_file: Optional[Path]) -> None:
@@ -193,14 +201,19 @@ def export_cmd(
     target: str = typer.Option("x86", help="Quantization preset: x86 (AVX2/AVX-512 VNNI) or arm64."),
     calibration_samples: int = typer.Option(32, help="Images whose sampling trajectories calibrate int8."),
     db_limit: Optional[int] = typer.Option(None, help="Keep only this many database images (a seeded sample)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the manifest with this secret key (see keygen)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Export a run to one bundle: int8 ONNX denoiser/decoder, encoder, HNSW index, neighbour blocks."""
+    from .keys import read_secret
+
+    signing_key = read_secret(sign) if sign else None
     _toolchain()
     from rissole_export.exporter import export
 
     manifest = export(run, output, quantize, target, calibration_samples, db_limit,
-                      log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)))
+                      log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)),
+                      signing_key=signing_key)
     if json_out:
         typer.echo(json.dumps({k: v for k, v in manifest.items() if k != "members"}, indent=2))
     else:
@@ -214,14 +227,27 @@ def build_db_cmd(
     bundle: Path = typer.Argument(..., help="The bundle whose models are kept."),
     images: Path = typer.Argument(..., help="Folder of images for the new database (sub-folders = labels)."),
     output: Path = typer.Option(..., "-o", "--output", help="The new bundle."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the new manifest with this secret key."),
 ) -> None:
     """Rebuild a bundle's neighbour database from another image folder, without retraining."""
+    from .keys import read_secret
+
+    signing_key = read_secret(sign) if sign else None
     _toolchain()
     from rissole_export.rebuild import build_db
 
-    manifest = build_db(bundle, images, output, log=lambda msg: typer.echo(msg, err=True))
+    manifest = build_db(bundle, images, output, log=lambda msg: typer.echo(msg, err=True), signing_key=signing_key)
     r = manifest["retrieval"]
     typer.echo(f"wrote {output}: {r['images']} images, ef={r['ef']}, recall@{r['window'] + 1}={r['recall']:.3f}")
+
+
+@app.command()
+def keygen(output: Path = typer.Option(..., "-o", "--output", help="Secret key file; the public key goes to OUTPUT.pub.")) -> None:
+    """Make an Ed25519 key pair for signing bundles (export --sign, generate --trusted-key)."""
+    from .keys import generate as make_keys
+
+    secret, public = make_keys(output)
+    typer.echo(f"wrote {secret} (secret, keep it private) and {public} (give this to devices)")
 
 
 @app.command()
@@ -251,6 +277,7 @@ def info(
         f"  dataset     {m.get('dataset', {}).get('name')} ({m.get('dataset', {}).get('licence')})"
         + (f", labels: {', '.join(spec.labels)}" if spec.labels else ""),
     ]
+    lines.append(f"  signed by   {b.signer.hex()}" if b.signer else "  signed by   nobody (unsigned)")
     for key, value in m.get("parity", {}).items():
         lines.append(f"  parity      {key} = {value:.4g}" if isinstance(value, float) else f"  parity      {key} = {value}")
     for name, member in b.members.items():
@@ -259,11 +286,14 @@ def info(
 
 
 @app.command()
-def verify(bundle: Path = typer.Argument(..., help="A .rissole bundle.")) -> None:
-    """Check a bundle: checksums, manifest, ONNX models load, index loads, shapes agree."""
+def verify(
+    bundle: Path = typer.Argument(..., help="A .rissole bundle."),
+    trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Also require a signature by this public key."),
+) -> None:
+    """Check a bundle: checksums, signature, manifest, ONNX models load, index loads, shapes agree."""
     from .generator import Generator
 
-    with Generator.open(bundle, threads=1) as gen:
+    with Generator.open(bundle, threads=1, trusted_keys=_trusted(trusted_key)) as gen:
         gen.bundle.verify_all()
         gen.generate(1, seed=0, steps=1, as_array=True)
     typer.echo(f"{bundle}: OK")

@@ -75,13 +75,19 @@ class Generator:
 
     @classmethod
     def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
-             threads: int | None = None) -> "Generator":
+             threads: int | None = None, trusted_keys: list[bytes] | None = None) -> "Generator":
         """Open a bundle (default: the one shipped with the package) within a memory budget
-        (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit."""
+        (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit. With
+        `trusted_keys` (Ed25519 public keys), refuses bundles not signed by one of them."""
         budget_bytes = budget.parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
         if threads is not None and not 1 <= threads <= 256:
             raise UsageError(f"threads must be between 1 and 256, got {threads}")
-        bundle = path if isinstance(path, Bundle) else Bundle.open(path if path is not None else default_bundle())
+        if isinstance(path, Bundle):
+            bundle = path
+            if trusted_keys is not None and bundle.signer not in trusted_keys:
+                raise BundleError("this bundle is not signed by a trusted key")
+        else:
+            bundle = Bundle.open(path if path is not None else default_bundle(), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         load = sum(m.size for m in bundle.members.values())
         budget.check_before_loading(budget_bytes, 2 * load)
