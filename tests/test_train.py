@@ -89,3 +89,15 @@ def test_ddp_two_processes_on_cpu(tmp_path, tiny_config):
     assert weights["model/out.2.weight"].abs().sum() > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in records if r["stage"] == "database"]) == 1        # rank 0 writes alone
+
+
+def test_runtime_only_install_explains_how_to_get_the_toolchain(tmp_path):
+    """Without torch (a plain `pip install .`), toolchain commands say how to install it."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from rissole_edge.cli import main\n"
+            f"sys.argv = ['rissole-edge', 'train', 'fashion-mnist', '--out', r'{tmp_path / 'run'}']\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: this command needs the toolchain (torch is missing): " \
+                                  "pip install 'rissole-edge[export]'"
