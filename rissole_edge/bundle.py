@@ -37,8 +37,9 @@ FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sII32s32s64s")    # magic, version, manifest length, sha256, signer, signature
 ALIGN = 64
 MAX_MANIFEST = 1 << 20
-MEMBER_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-REQUIRED = ("denoiser.onnx", "decoder.onnx", "codebook.npy", "codes.npy", "index.bin")
+MEMBER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+REQUIRED = ("denoiser.onnx", "decoder.onnx", "codebook.npy", "codes.npy", "index.bin",
+            "pca_mean.npy", "pca_components.npy")
 
 
 class BundleError(RissoleError):
@@ -151,7 +152,7 @@ def _check_members(path: Path, manifest: Any, data_size: int) -> dict[str, Membe
     members: dict[str, Member] = {}
     end = 0
     for name, entry in manifest["members"].items():
-        if not isinstance(name, str) or not MEMBER_NAME.match(name) or ".." in name:
+        if not isinstance(name, str) or not MEMBER_NAME.fullmatch(name) or ".." in name:
             raise BundleError(f"{path} is damaged: unsafe member name {name!r}")
         if not isinstance(entry, dict):
             raise BundleError(f"{path} is damaged: member {name} has no entry")

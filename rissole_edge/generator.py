@@ -62,6 +62,8 @@ class Generator:
         manifest = bundle.manifest
         low_memory = memory_budget is not None
         self.denoiser = _session(bundle.read("denoiser.onnx"), "denoiser", threads, low_memory)
+        # The exporter drops inputs a model ignores (pos when there is one block position).
+        self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
         self.decoder = _session(bundle.read("decoder.onnx"), "decoder", threads, low_memory)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self._session_args = (threads, low_memory)
@@ -206,13 +208,14 @@ class Generator:
             x = np.stack([rng.initial_noise(seed, ids[r], shape)[p] for r, p in items])
             c = np.stack([cond[r, p] for r, p in items]) if cond is not None else None
 
+            def run(xt: np.ndarray, t: np.ndarray, cond_blocks: np.ndarray | None) -> np.ndarray:
+                feeds = {"x": xt, "t": t, "pos": pos, "cond": cond_blocks}
+                return self.denoiser.run(["eps"], {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
+
             def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
-                feeds = {"x": xt, "t": t, "pos": pos}
-                if c is None:
-                    return self.denoiser.run(["eps"], feeds)[0]
-                eps = self.denoiser.run(["eps"], {**feeds, "cond": c})[0]
-                if guidance != 1.0:
-                    uncond = self.denoiser.run(["eps"], {**feeds, "cond": np.zeros_like(c)})[0]
+                eps = run(xt, t, c)
+                if c is not None and guidance != 1.0:
+                    uncond = run(xt, t, np.zeros_like(c))
                     eps = uncond + guidance * (eps - uncond)
                 return eps
 

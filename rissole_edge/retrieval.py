@@ -16,6 +16,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError, Spec
 from .errors import UsageError
+from .index_guard import check_index
 
 
 def draw_neighbours(candidates: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -27,7 +28,8 @@ def draw_neighbours(candidates: np.ndarray, k: int, rng: np.random.Generator) ->
 
 
 def load_index(data: bytes, spec: Spec) -> hnswlib.Index:
-    """hnswlib loads only from a path: write the (checksummed) member to a private temp file."""
+    """hnswlib loads only from a path: check the member, then write it to a private temp file."""
+    check_index(data, spec.images, spec.key_dim)
     fd, path = tempfile.mkstemp(prefix="rissole-index-")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,0 +1,110 @@
+"""Evaluation: the numpy metrics on made-up data with known answers, then one real evaluate()
+of the tiny bundle with the real EfficientNet-Lite0 feature extractor."""
+
+import math
+
+import numpy as np
+import pytest
+
+from rissole_edge.errors import UsageError
+from rissole_export.evaluate import (copying_score, evaluate, frechet_distance, kid, nearest_distances,
+                                     seam_ratio)
+
+from conftest import SAMPLE
+
+
+def _smooth_images(n, side, seed, cutoff=4):
+    """Stationary smooth random fields in [0, 1] (low-pass filtered white noise, periodic):
+    no position is special, so block borders are no different from any other row."""
+    rng = np.random.default_rng(seed)
+    spectrum = np.fft.fft2(rng.standard_normal((n, side, side)))
+    f = np.fft.fftfreq(side) * side
+    keep = (np.abs(f)[:, None] <= cutoff) & (np.abs(f)[None, :] <= cutoff)
+    x = np.fft.ifft2(spectrum * keep).real
+    x = (x - x.mean()) / x.std()
+    return np.clip(0.5 + 0.15 * x, 0, 1).astype(np.float32)
+
+
+def test_frechet_distance_of_identical_sets_is_zero_and_of_shifted_ones_the_squared_shift():
+    a = np.random.default_rng(0).standard_normal((400, 16)) @ np.diag(np.linspace(0.5, 2, 16))
+    assert abs(frechet_distance(a, a)) < 1e-8
+    shift = np.linspace(-1, 1, 16)
+    assert frechet_distance(a, a + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-6)
+    b = np.random.default_rng(1).standard_normal((400, 16)) * 3      # wider: FD grows
+    assert frechet_distance(a, b) > 10
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((600, 32)), rng.standard_normal((600, 32))
+    same = kid(a, b, subset_size=300)
+    different = kid(a, b + 0.5, subset_size=300)
+    assert abs(same) < 0.02
+    assert different > 0.05 and different > 20 * abs(same)
+
+
+def test_seam_ratio_is_one_for_smooth_images_and_high_for_independent_blocks():
+    smooth = _smooth_images(200, 32, seed=0)
+    for b in (2, 4):
+        assert seam_ratio(smooth, b) == pytest.approx(1.0, abs=0.1)
+    assert seam_ratio((smooth[..., None] * 255).astype(np.uint8), 2) == pytest.approx(1.0, abs=0.1)
+    assert seam_ratio(smooth, 1) is None
+
+    rng = np.random.default_rng(1)
+    levels = rng.random((200, 4, 4))                                  # one random grey per block
+    blocky = np.kron(levels, np.ones((8, 8))) + 0.02 * rng.standard_normal((200, 32, 32))
+    assert seam_ratio(blocky, 4) > 5
+    rgb = np.repeat(blocky[..., None], 3, axis=-1)
+    assert seam_ratio(rgb, 4) == pytest.approx(seam_ratio(blocky, 4))
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    train, queries = rng.random((300, 6, 6)), rng.random((70, 6, 6))
+    brute = np.sqrt(((queries.reshape(70, 1, -1) - train.reshape(1, 300, -1)) ** 2).sum(-1)).min(1)
+    got = nearest_distances(queries, train, query_chunk=16, train_chunk=64)
+    np.testing.assert_allclose(got, brute, rtol=1e-4)
+
+
+def test_copying_score_is_one_for_copies_and_zero_for_noise():
+    train = _smooth_images(300, 16, seed=0)
+    test = _smooth_images(100, 16, seed=1)
+    d_test = nearest_distances(test, train)
+    copies = train[np.random.default_rng(2).permutation(300)[:50]]
+    score, threshold = copying_score(nearest_distances(copies, train), d_test)
+    assert score == 1.0 and threshold > 0.1
+    noise = (np.random.default_rng(3).random((50, 16, 16)) > 0.5).astype(np.float32)
+    score, _ = copying_score(nearest_distances(noise, train), d_test)
+    assert score == 0.0
+
+
+def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
+    lines = []
+    result = evaluate(tiny_bundle, n=20, data=str(SAMPLE), steps=10, seed=0, log=lines.append)
+    for key in ("fd_effnetlite0", "kid_effnetlite0", "seam_ratio_generated", "seam_ratio_reference",
+                "copying_score", "copying_threshold", "nearest_train_distance_generated_median",
+                "nearest_train_distance_test_median", "label_accuracy", "classifier_test_accuracy",
+                "n", "reference", "target", "steps", "seed", "seconds"):
+        assert key in result, key
+        if isinstance(result[key], float):
+            assert math.isfinite(result[key]), key
+    assert result["n"] == 20 and result["reference"] == "test" and result["steps"] == 10
+    assert result["fd_effnetlite0"] > 0
+    assert result["seam_ratio_generated"] is not None and result["seam_ratio_reference"] is not None
+    assert 0 <= result["copying_score"] <= 1 and result["copying_threshold"] > 0
+    assert 0 <= result["label_accuracy"] <= 1 and 0 <= result["classifier_test_accuracy"] <= 1
+    assert lines, "evaluate reports progress through log"
+
+
+def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tmp_path):
+    with pytest.raises(UsageError, match="at least 2"):
+        evaluate(tiny_bundle, n=1, data=str(SAMPLE))
+    with pytest.raises(UsageError, match="not found"):
+        evaluate(tmp_path / "missing.rissole", n=20)
+    with pytest.raises(UsageError, match="reference"):
+        evaluate(tiny_bundle, n=20, reference="validation", data=str(SAMPLE))
+    with pytest.raises(UsageError, match="data") as caught:           # "fashion-sample" is no known source
+        evaluate(tiny_bundle, n=20, log=lambda _: None)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UsageError, match="config.json"):
+        evaluate(tmp_path, n=20)
