@@ -51,6 +51,15 @@ def test_fp32_export(tiny_run, tmp_path):
     manifest = Bundle.open(out).manifest
     assert manifest["quantization"]["mode"] == "fp32" and manifest["retrieval"]["images"] == 100
     assert manifest["retrieval"]["recall"] >= 0.95
+    assert cli("verify", str(out)).returncode == 0
+
+
+def test_arm64_preset(tiny_run, tmp_path):
+    out = tmp_path / "arm.rissole"
+    cli("export", str(tiny_run), "-o", str(out), "--target", "arm64", "--calibration-samples", "4", check=True)
+    q = Bundle.open(out).manifest["quantization"]
+    assert (q["target"], q["activations"], q["weights"]) == ("arm64", "QInt8", "QInt8")
+    assert cli("verify", str(out)).returncode == 0
 
 
 def test_every_damaged_member_is_refused(tiny_bundle, tmp_path):

@@ -166,3 +166,14 @@ def test_closed_generator_refuses_work(tiny_bundle):
     g.close()
     with pytest.raises(UsageError, match="closed"):
         g.generate(1)
+
+
+def test_without_a_model_the_default_bundle_is_used_or_its_absence_explained(tmp_path):
+    from rissole_edge.generator import default_bundle
+    proc = cli("generate", "-n", "1", "--steps", "2", "-o", str(tmp_path / "o"))
+    try:
+        default_bundle()
+    except UsageError:
+        assert proc.returncode == 2 and "no default bundle is installed" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
