@@ -242,6 +242,29 @@ def build_db_cmd(
 
 
 @app.command()
+def evaluate(
+    target: Path = typer.Argument(..., help="A bundle or a training run directory."),
+    n: int = typer.Option(5000, "-n", help="Images to generate and compare."),
+    reference: str = typer.Option("test", help="Reference split: test or train."),
+    data: Optional[str] = typer.Option(None, "--data", help="The data a bundle was made from, if not fashion-mnist/twemoji."),
+    steps: int = typer.Option(50, "--steps", help="Sampling steps."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, label accuracy."""
+    _toolchain()
+    from rissole_export.evaluate import evaluate as run_evaluation
+
+    metrics = run_evaluation(target, n, reference, data, steps, seed,
+                             log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)))
+    if json_out:
+        typer.echo(json.dumps(metrics, indent=2))
+    else:
+        for key, value in metrics.items():
+            typer.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@app.command()
 def keygen(output: Path = typer.Option(..., "-o", "--output", help="Secret key file; the public key goes to OUTPUT.pub.")) -> None:
     """Make an Ed25519 key pair for signing bundles (export --sign, generate --trusted-key)."""
     from .keys import generate as make_keys

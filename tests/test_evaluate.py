@@ -34,6 +34,16 @@ def test_frechet_distance_of_identical_sets_is_zero_and_of_shifted_ones_the_squa
     assert frechet_distance(a, b) > 10
 
 
+def test_frechet_distance_with_fewer_samples_than_dimensions_matches_the_eigenvalue_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((30, 64)), rng.standard_normal((25, 64)) * 1.5 + 0.2
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    cross = np.sqrt(np.clip(np.linalg.eigvals(s_a @ s_b).real, 0, None)).sum()
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert abs(frechet_distance(a, a)) < 1e-8
+
+
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((600, 32)), rng.standard_normal((600, 32))
@@ -96,7 +106,14 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     assert lines, "evaluate reports progress through log"
 
 
-def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tmp_path):
+def test_evaluate_a_run_directory(tiny_run):
+    result = evaluate(tiny_run, n=8, steps=5, seed=1, log=lambda _: None)   # data from the run's config
+    assert result["kind"] == "run" and result["reference_images"] == 8
+    assert math.isfinite(result["fd_effnetlite0"]) and math.isfinite(result["kid_effnetlite0"])
+    assert result["label_accuracy"] is None and result["seam_ratio_generated"] is not None
+
+
+def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tiny_run, tmp_path):
     with pytest.raises(UsageError, match="at least 2"):
         evaluate(tiny_bundle, n=1, data=str(SAMPLE))
     with pytest.raises(UsageError, match="not found"):
@@ -107,4 +124,7 @@ def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tmp_path):
         evaluate(tiny_bundle, n=20, log=lambda _: None)
     assert "\n" not in str(caught.value)
     with pytest.raises(UsageError, match="config.json"):
+        evaluate(tmp_path, n=20)
+    (tmp_path / "config.json").write_bytes((tiny_run / "config.json").read_bytes())
+    with pytest.raises(UsageError, match="not trained"):
         evaluate(tmp_path, n=20)

@@ -177,3 +177,13 @@ def test_without_a_model_the_default_bundle_is_used_or_its_absence_explained(tmp
         assert proc.returncode == 2 and "no default bundle is installed" in proc.stderr
         return
     assert proc.returncode == 0, proc.stderr
+
+
+def test_bench_quick_smoke(tiny_bundle):
+    """The benchmark must never rot: a seconds-long run in CI, figures present and sane."""
+    results = json.loads(cli("bench", "-m", str(tiny_bundle), "--quick", "--json", check=True).stdout)
+    assert [r["config"]["threads"] for r in results] == [1, 2]
+    for r in results:
+        assert "error" not in r, r
+        assert 0 < r["open_s"] < r["cold_s"] and r["warm_image_s"] > 0 and r["batched_images_per_s"] > 0
+        assert r["peak_rss_mb"] > 20 and r["denoiser_call_ms_b1"] > 0

