@@ -63,10 +63,12 @@ def train(
 
 def _bundle_path(model: Optional[str]) -> Optional[Path]:
     """-m takes a bundle file, or the name of a bundle shipped with the package."""
+    from .generator import shipped_bundle
+
     if model is None:
         return None
-    shipped = Path(__file__).parent / "models" / f"{model}.rissole"
-    return shipped if not Path(model).exists() and shipped.exists() else Path(model)
+    shipped = shipped_bundle(model) if "/" not in model and not model.endswith(".rissole") else None
+    return shipped if shipped is not None and not Path(model).exists() and shipped.exists() else Path(model)
 
 
 @app.command()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from importlib import resources
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from .retrieval import Database
 from .schedule import alphas_cumprod
 
 MAX_IMAGES = 10_000
+DEFAULT_MODEL = "fashion-mnist"
 DEFAULT_STEPS = 50
 Progress = Callable[[int, int], None]
 
@@ -242,9 +244,14 @@ class Generator:
         return np.concatenate(out)
 
 
+def shipped_bundle(name: str) -> Path:
+    """Where the bundle `name` shipped with the package lives (it may be absent)."""
+    return Path(str(resources.files("rissole_edge.models").joinpath(f"{name}.rissole")))
+
+
 def default_bundle() -> Path:
-    """The bundle shipped inside the package, if one is installed."""
-    path = Path(__file__).parent / "models" / "fashion-mnist.rissole"
+    """The default bundle shipped inside the package, if one is installed."""
+    path = shipped_bundle(DEFAULT_MODEL)
     if not path.exists():
         raise UsageError("no default bundle is installed: pass -m BUNDLE (make one with 'rissole-edge export')")
     return path

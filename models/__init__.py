@@ -1,0 +1,1 @@
+"""Bundles shipped with rissole-edge (data only; see README.md in this folder)."""
