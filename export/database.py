@@ -152,8 +152,8 @@ def study_keys(latents: np.ndarray, labels: np.ndarray | None, blocks_per_side: 
     candidates = ["latent"] + [f"block:{p}" for p in (0, blocks_per_side * blocks_per_side // 2)]
     for key in dict.fromkeys(candidates):
         full = make_keys(latents, key, blocks_per_side)
-        for dim in dims:
-            keys = full if not dim or dim >= full.shape[1] else reduce(full, *fit_pca(full, dim, seed))
+        for dim in dict.fromkeys(min(d or full.shape[1], full.shape[1]) for d in dims):
+            keys = full if dim == full.shape[1] else reduce(full, *fit_pca(full, dim, seed))
             nbrs = exact_knn(keys, keys[queries], k + 1)[:, 1:]      # drop the query itself
             dist = np.linalg.norm(flat[nbrs] - flat[queries][:, None], axis=2).mean()
             agree = float((labels[nbrs] == labels[queries][:, None]).mean()) if labels is not None else None
