@@ -132,10 +132,11 @@ class Bundle:
 
     def array(self, name: str, dtype: str | None = None, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A .npy member, loaded without pickle and checked against the expected dtype/shape."""
+        data = self.read(name)
         try:
-            arr = np.load(io.BytesIO(self.read(name)), allow_pickle=False)
-        except ValueError as e:
-            raise BundleError(f"{self.path}: member {name} is not a valid array ({e})") from None
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:  # numpy's header parser raises ValueError, SyntaxError, TokenError...
+            raise BundleError(f"{self.path}: member {name} is not a valid array ({type(e).__name__})") from None
         if (dtype and arr.dtype != np.dtype(dtype)) or (shape and arr.shape != shape):
             raise BundleError(f"{self.path}: member {name} is {arr.dtype}{arr.shape}, "
                               f"the manifest says {dtype}{shape}")
@@ -162,8 +163,8 @@ def _check_members(path: Path, manifest: Any, data_size: int) -> dict[str, Membe
             raise BundleError(f"{path} is damaged: member {name} has a malformed entry")
         members[name] = Member(name, offset, size, digest)
     spans = sorted((m.offset, m.size, m.name) for m in members.values())
-    for offset, size, name in spans:
-        if offset < end or size < 0 or offset % ALIGN:
+    for offset, size, name in spans:       # packed in order: each member starts where padding ends
+        if size < 0 or offset != -(-end // ALIGN) * ALIGN:
             raise BundleError(f"{path} is damaged: member {name} overlaps another or is misplaced")
         end = offset + size
     if end != data_size:

@@ -53,7 +53,30 @@ def _session(model: bytes, name: str, threads: int, low_memory: bool) -> ort.Inf
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
-        raise BundleError(f"the bundle's {name} does not load in onnxruntime: {str(e).splitlines()[0]}") from None
+        raise BundleError(f"the bundle's {name} does not load in onnxruntime: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _check_signature(session: ort.InferenceSession, name: str, expected: dict[str, tuple]) -> None:
+    """The model's declared inputs/outputs must have the shapes the manifest implies (the batch
+    axis is free), so a manifest that disagrees with its models is refused at open."""
+    declared = {v.name: v.shape for v in list(session.get_inputs()) + list(session.get_outputs())}
+    for io_name, shape in expected.items():
+        if io_name not in declared:
+            continue
+        got = declared[io_name]
+        if len(got) != len(shape) or any(isinstance(g, int) and g != w for g, w in zip(got[1:], shape[1:])):
+            raise BundleError(f"the bundle's {name} expects {io_name} of shape {got}, the manifest implies {shape}")
+
+
+def _run(session: ort.InferenceSession, name: str, outputs: list[str], feeds: dict) -> list[np.ndarray]:
+    try:
+        return session.run(outputs, feeds)
+    except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
+        raise BundleError(f"the bundle's {name} failed: {_first_line(e)}") from None
 
 
 class Generator:
@@ -67,6 +90,14 @@ class Generator:
         # The exporter drops inputs a model ignores (pos when there is one block position).
         self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
         self.decoder = _session(bundle.read("decoder.onnx"), "decoder", threads, low_memory)
+        c, s, z = spec.latent_channels, spec.block_side, spec.latent_side
+        _check_signature(self.denoiser, "denoiser", {"x": (None, c, s, s), "cond": (None, spec.k * c, s, s),
+                                                     "eps": (None, c, s, s)})
+        _check_signature(self.decoder, "decoder", {"latent": (None, c, z, z),
+                                                   "image": (None, spec.image_channels, spec.image_size,
+                                                             spec.image_size)})
+        if spec.k and "cond" not in self._denoiser_inputs:
+            raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self._session_args = (threads, low_memory)
         self.db = Database(bundle, spec)
@@ -189,7 +220,7 @@ class Generator:
         left, top = (im.width - side) // 2, (im.height - side) // 2
         im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
         x = np.asarray(im, np.float32).reshape(size, size, channels).transpose(2, 0, 1)[None] / 127.5 - 1.0
-        latent, codes = self.encoder.run(["latent", "codes"], {"image": x})
+        latent, codes = _run(self.encoder, "encoder", ["latent", "codes"], {"image": x})
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own
 
@@ -212,7 +243,8 @@ class Generator:
 
             def run(xt: np.ndarray, t: np.ndarray, cond_blocks: np.ndarray | None) -> np.ndarray:
                 feeds = {"x": xt, "t": t, "pos": pos, "cond": cond_blocks}
-                return self.denoiser.run(["eps"], {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
+                return _run(self.denoiser, "denoiser", ["eps"],
+                            {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
 
             def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
                 eps = run(xt, t, c)
@@ -240,7 +272,7 @@ class Generator:
         out = []
         for start in range(0, len(whole), self.plan.images_per_decode):
             z = np.ascontiguousarray(whole[start:start + self.plan.images_per_decode])
-            out.append(to_uint8(self.decoder.run(["image"], {"latent": z})[0]))
+            out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
 
 
