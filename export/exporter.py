@@ -25,7 +25,7 @@ from rissole_edge.bundle import Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 
-from . import database, onnx_export, pack, quantize
+from . import config, database, onnx_export, pack, quantize
 from .layers import count_parameters
 from .sampling import RunModels, generate
 from .train import STAGES, stage_complete
@@ -36,7 +36,6 @@ PARITY_IMAGES = 16
 def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int) -> None:
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a training run (no config.json)")
-    from . import config
     cfg = config.load(run / "config.json")
     for stage in STAGES:
         if not stage_complete(run, stage, cfg):
