@@ -184,9 +184,10 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     quant_info: dict = {"mode": "fp32"}
     if mode == "int8":
         log(f"quantizing to int8 for {target} on {len(feeds)} denoiser and {len(latent_feeds)} decoder batches")
-        final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target)
+        final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target, keep_edges=True)
         final["decoder.onnx"], _ = quantize.quantize(nets["decoder.onnx"], latent_feeds, target)
-        quant_info = {"mode": "int8", **info, "models": ["denoiser.onnx", "decoder.onnx"],
+        quant_info = {"mode": "int8", **{k: v for k, v in info.items() if k != "fp32_nodes"},
+                      "denoiser_fp32_nodes": info["fp32_nodes"], "models": ["denoiser.onnx", "decoder.onnx"],
                       "fp32_models": ["encoder.onnx"]}
         int8_bundle = Bundle.in_memory({**manifest, "quantization": quant_info}, {**final, **db_members})
         log(f"measuring int8 parity on {PARITY_IMAGES} images")
