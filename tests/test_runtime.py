@@ -187,3 +187,13 @@ def test_bench_quick_smoke(tiny_bundle):
         assert "error" not in r, r
         assert 0 < r["open_s"] < r["cold_s"] and r["warm_image_s"] > 0 and r["batched_images_per_s"] > 0
         assert r["peak_rss_mb"] > 20 and r["denoiser_call_ms_b1"] > 0
+
+
+def test_shipped_bundles_verify_and_generate(tmp_path):
+    """CI never trains the shipped models; it checks that they verify and generate."""
+    from rissole_edge.generator import shipped_bundle
+    bundle = shipped_bundle("fashion-mnist")
+    assert cli("verify", str(bundle)).returncode == 0
+    report = json.loads(cli("generate", "-m", "fashion-mnist", "--label", "sneaker", "-n", "2", "--steps", "10",
+                            "-o", str(tmp_path), "--json", check=True).stdout)
+    assert len(report["images"]) == 2 and Image.open(report["images"][0]).size == (32, 32)
