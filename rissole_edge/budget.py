@@ -15,7 +15,8 @@ from .errors import UsageError
 MiB = 1 << 20
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-MARGIN = 6 * MiB            # allocator slack, Python objects, numpy temporaries
+MARGIN = 12 * MiB           # allocator slack, Python objects, numpy temporaries, PNG encoding
+IMAGES_PER_GROUP = 16       # images whose conditions and latents are held at once under a budget
 SESSION_INIT = 18 * MiB     # onnxruntime's first session (thread pools, kernels), measured on x86_64
 MAX_BATCH_BLOCKS = 256      # past this, bigger calls stop getting faster on a CPU
 
@@ -53,6 +54,7 @@ class Plan:
     blocks_per_call: int       # blocks denoised together (across images)
     images_per_decode: int
     budget: int | None
+    images_per_group: int = 1 << 30   # images generated together; bounded under a budget
 
     def describe(self) -> str:
         return (f"{self.blocks_per_call} blocks per denoiser call, {self.images_per_decode} images per "
@@ -83,4 +85,4 @@ def make_plan(budget: int | None, block_bytes: int, image_bytes: int, positions:
     free = budget - base - MARGIN
     blocks = max(1, min(MAX_BATCH_BLOCKS, (free - image_bytes) // max(block_bytes, 1)))
     images = max(1, min(16, free // max(image_bytes, 1), blocks // max(positions, 1) or 1))
-    return Plan(int(blocks), int(images), budget)
+    return Plan(int(blocks), int(images), budget, IMAGES_PER_GROUP)

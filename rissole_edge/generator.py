@@ -156,10 +156,18 @@ class Generator:
         with self._lock:
             if self._closed:
                 raise UsageError("this Generator is closed")
-            ids = list(range(first_index, first_index + n))
-            cond = self._conditions(ids, seed, query)
-            latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, on_progress)
-            pixels = self._decode(latents)
+            # Images go through in groups so that what is held per image stays bounded too.
+            size = self.plan.images_per_group
+            groups = [list(range(a, min(a + size, first_index + n))) for a in range(first_index, first_index + n, size)]
+            calls = [-(-len(g) * self.spec.positions // self.plan.blocks_per_call) * steps for g in groups]
+            pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
+            for g, ids in enumerate(groups):
+                report = None if on_progress is None else \
+                    (lambda done, _total, before=sum(calls[:g]): on_progress(before + done, sum(calls)))
+                cond = self._conditions(ids, seed, query)
+                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, report)
+                start = ids[0] - first_index
+                pixels[start:start + len(ids)] = self._decode(latents)
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
