@@ -45,7 +45,8 @@ def rss() -> tuple[int, int]:
 
 
 def mb(n: int) -> str:
-    return f"{n / MiB:.0f}MB"
+    """Whole MB, rounded up: a minimum printed this way is always enough."""
+    return f"{-(-n // MiB)}MB"
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,7 @@ class Generator:
             bundle = Bundle.open(path if path is not None else default_bundle(), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         load = sum(m.size for m in bundle.members.values())
-        budget.check_before_loading(budget_bytes, 2 * load)
+        budget.check_before_loading(budget_bytes, 4 * load)   # bytes read, parsed copies, live objects
         return cls(bundle, spec, threads or min(4, os.cpu_count() or 1), budget_bytes)
 
     def __enter__(self) -> "Generator":
