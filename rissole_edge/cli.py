@@ -79,7 +79,7 @@ def generate(
     steps: int = typer.Option(50, "--steps", help="Sampling steps (1 to the schedule's T)."),
     sampler_name: str = typer.Option("ddim", "--sampler", help="ddim (deterministic) or ddpm."),
     guidance: float = typer.Option(1.0, "--guidance", help="Neighbour guidance scale (1 = plain conditioning)."),
-    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 96MB."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
