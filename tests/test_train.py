@@ -101,3 +101,13 @@ def test_runtime_only_install_explains_how_to_get_the_toolchain(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: this command needs the toolchain (torch is missing): " \
                                   "pip install 'rissole-edge[export]'"
+
+
+def test_patch_discriminator_trains_and_resumes(tmp_path):
+    config = tmp_path / "disc.toml"
+    config.write_text("[data]\nsize = 16\n[autoencoder]\nsteps = 30\ndisc_weight = 0.1\ndisc_start = 10\n")
+    run = tmp_path / "disc"
+    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(config),
+        "--stage", "autoencoder", check=True)
+    weights = load_file(str(run / "autoencoder.safetensors"))
+    assert any(k.startswith("disc/") for k in weights) and any(k.startswith("disc_optim/") for k in weights)
