@@ -209,6 +209,8 @@ class Spec:
     images: int
     schedule: str
     timesteps: int
+    beta_start: float
+    beta_end: float
     labels: tuple[str, ...]
     block_bytes: int
     image_bytes: int
@@ -236,11 +238,15 @@ class Spec:
             images=_field(m, "retrieval.images", int, 1, 100_000_000),
             schedule=_field(m, "schedule.kind", str),
             timesteps=_field(m, "schedule.timesteps", int, 1, 100000),
+            beta_start=_field(m, "schedule.beta_start", float, 1e-8, 0.5),
+            beta_end=_field(m, "schedule.beta_end", float, 1e-8, 0.999),
             labels=tuple(_field(m, "dataset.labels", list)),
             block_bytes=_field(m, "memory.block_bytes", int, 1, 1 << 34),
             image_bytes=_field(m, "memory.image_bytes", int, 1, 1 << 34),
         )
-        if spec.block_side * spec.blocks_per_side != spec.latent_side or spec.window < spec.k \
+        key_ok = spec.key == "latent" or (re.fullmatch(r"block:[0-9]{1,4}", spec.key) is not None
+                                          and int(spec.key[6:]) < spec.positions)
+        if not key_ok or spec.block_side * spec.blocks_per_side != spec.latent_side or spec.window < spec.k \
                 or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in ("linear", "cosine"):
             raise BundleError("bundle manifest geometry is inconsistent")
         return spec

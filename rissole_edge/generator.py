@@ -84,7 +84,6 @@ class Generator:
 
     def __init__(self, bundle: Bundle, spec: Spec, threads: int, memory_budget: int | None):
         self.bundle, self.spec = bundle, spec
-        manifest = bundle.manifest
         low_memory = memory_budget is not None
         self.denoiser = _session(bundle.read("denoiser.onnx"), "denoiser", threads, low_memory)
         # The exporter drops inputs a model ignores (pos when there is one block position).
@@ -101,9 +100,7 @@ class Generator:
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self._session_args = (threads, low_memory)
         self.db = Database(bundle, spec)
-        sched = manifest["schedule"]
-        self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, float(sched.get("beta_start", 1e-4)),
-                                        float(sched.get("beta_end", 0.02)))
+        self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
         self.plan = budget.make_plan(memory_budget, spec.block_bytes, spec.image_bytes, spec.positions)
         self._lock = threading.Lock()
         self._closed = False
@@ -222,7 +219,10 @@ class Generator:
                 raise UsageError(f"cannot read image {like}: {e}") from None
         size, channels = self.spec.image_size, self.spec.image_channels
         im = like.convert("RGBA")
-        base = Image.new("RGBA", im.size, self.bundle.manifest.get("image", {}).get("background", "#ffffff"))
+        try:
+            base = Image.new("RGBA", im.size, self.bundle.manifest["image"].get("background", "#ffffff"))
+        except (ValueError, TypeError, OverflowError):
+            raise BundleError("bundle manifest field image.background is not a colour") from None
         im = Image.alpha_composite(base, im).convert("L" if channels == 1 else "RGB")
         side = min(im.size)
         left, top = (im.width - side) // 2, (im.height - side) // 2

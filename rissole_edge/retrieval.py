@@ -59,8 +59,9 @@ class Database:
             raise BundleError("the bundle's neighbour codes point outside its codebook")
         self.pca_mean = bundle.array("pca_mean.npy", "float32")
         self.pca = bundle.array("pca_components.npy", "float32")
-        if self.pca.shape != (spec.key_dim, self.pca_mean.shape[0]):
-            raise BundleError("the bundle's key projection does not match key_dim")
+        key_size = spec.latent_channels * (spec.latent_side ** 2 if spec.key == "latent" else spec.block_side ** 2)
+        if self.pca_mean.shape != (key_size,) or self.pca.shape != (spec.key_dim, key_size):
+            raise BundleError("the bundle's key projection does not match its key and key_dim")
         self.labels = (bundle.array("labels.npy", "int64", (spec.images,)) if spec.labels else None)
         self.index = load_index(bundle.read("index.bin"), spec)
         self.index.set_ef(max(spec.ef, spec.window + 1))

@@ -16,9 +16,10 @@ from rissole_edge.bundle import HEADER, MAGIC, Bundle, data_start
 FIELDS = ["image.size", "image.channels", "latent.channels", "latent.side", "latent.scale",
           "latent.codebook_size", "blocks.per_side", "blocks.side", "retrieval.k", "retrieval.window",
           "retrieval.key", "retrieval.key_dim", "retrieval.ef", "retrieval.images", "schedule.kind",
-          "schedule.timesteps", "dataset.labels", "memory.block_bytes", "memory.image_bytes", "members"]
+          "schedule.timesteps", "schedule.beta_start", "schedule.beta_end", "dataset.labels",
+          "memory.block_bytes", "memory.image_bytes", "image.background", "members"]
 VALUES = [None, -1, 0, 1, 2 ** 31, 2 ** 62, -(2 ** 63), 1.5, float("nan"), "x", "", [], {}, [1, 2], True,
-          "../../etc/passwd", 10 ** 30]
+          "../../etc/passwd", 10 ** 30, "block:x", "block:99", "block:1"]
 
 
 def _parts(raw: bytes) -> tuple[dict, bytes]:
@@ -100,12 +101,16 @@ def mutate(raw: bytes, seed: int) -> tuple[str, bytes]:
 def check_case(path) -> str:
     """Open the bundle and generate one image: "ok" or the RissoleError's class name.
     Anything else propagates: that is a finding."""
+    from PIL import Image
+
     from rissole_edge.errors import RissoleError
-    from rissole_edge.generator import Generator
+    from rissole_edge.generator import Generator, Query
     try:
         Bundle.open(path).verify_all()
         with Generator.open(path, threads=1) as gen:
             gen.generate(1, seed=0, steps=2, as_array=True)
+            if "encoder.onnx" in gen.bundle.members and gen.spec.k:
+                gen.generate(1, seed=0, steps=1, query=Query(like=Image.new("L", (20, 20), 128)), as_array=True)
         return "ok"
     except RissoleError as e:
         return type(e).__name__
