@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageColor, UnidentifiedImageError
 
 from rissole_edge.errors import DataError
+from rissole_edge.images import fit
 
 from .config import DataConfig
 
@@ -154,25 +155,14 @@ def _is_test(key: str, test_percent: int) -> bool:
 
 
 def _read_image(path: Path, size: int, channels: int, background: str) -> np.ndarray:
-    """Decode one image: composite transparency, centre-crop to square, resize, set channels."""
+    """Decode one image and preprocess it exactly as the runtime does for `--like` queries."""
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                base = Image.new("RGBA", rgba.size, background)
-                im = Image.alpha_composite(base, rgba)
-            im = im.convert("L" if channels == 1 else "RGB")
+            w, h = im.size
+            if min(w, h) < size:
+                raise DataError(f"image {path} is {w}x{h}, smaller than the configured size {size}: "
+                                f"use larger images or set data.size <= {min(w, h)}")
+            return fit(im, size, channels, background)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    w, h = im.size
-    if min(w, h) < size:
-        raise DataError(f"image {path} is {w}x{h}, smaller than the configured size {size}: "
-                        f"use larger images or set data.size <= {min(w, h)}")
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    if side != size:
-        im = im.resize((size, size), Image.LANCZOS)
-    arr = np.asarray(im, dtype=np.uint8)
-    return arr[..., None] if channels == 1 else arr

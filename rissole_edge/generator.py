@@ -22,7 +22,7 @@ from PIL import Image
 from . import blocks, budget, rng, sampler
 from .bundle import Bundle, BundleError, Spec
 from .errors import UsageError
-from .images import to_pil, to_uint8
+from .images import fit, to_pil, to_uint8
 from .onnx_guard import check_self_contained
 from .retrieval import Database
 from .schedule import alphas_cumprod
@@ -217,17 +217,12 @@ class Generator:
                     like = im.copy()
             except (OSError, ValueError) as e:
                 raise UsageError(f"cannot read image {like}: {e}") from None
-        size, channels = self.spec.image_size, self.spec.image_channels
-        im = like.convert("RGBA")
         try:
-            base = Image.new("RGBA", im.size, self.bundle.manifest["image"].get("background", "#ffffff"))
+            pixels = fit(like, self.spec.image_size, self.spec.image_channels,
+                         self.bundle.manifest["image"].get("background", "#ffffff"))
         except (ValueError, TypeError, OverflowError):
             raise BundleError("bundle manifest field image.background is not a colour") from None
-        im = Image.alpha_composite(base, im).convert("L" if channels == 1 else "RGB")
-        side = min(im.size)
-        left, top = (im.width - side) // 2, (im.height - side) // 2
-        im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
-        x = np.asarray(im, np.float32).reshape(size, size, channels).transpose(2, 0, 1)[None] / 127.5 - 1.0
+        x = pixels.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
         latent, codes = _run(self.encoder, "encoder", ["latent", "codes"], {"image": x})
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own

@@ -11,6 +11,24 @@ import numpy as np
 from PIL import Image
 
 
+def fit(im: Image.Image, size: int, channels: int, background: str) -> np.ndarray:
+    """The one preprocessing of training images and of `--like` queries, so that both land in
+    the same latent space: composite transparency on `background`, convert to grey or RGB,
+    centre-crop to a square, resize to `size`. Returns uint8 (size, size, channels); raises
+    ValueError (or TypeError) for a background that is not a colour."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
+    im = im.convert("L" if channels == 1 else "RGB")
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if side != size:
+        im = im.resize((size, size), Image.LANCZOS)
+    arr = np.asarray(im, dtype=np.uint8)
+    return arr[..., None] if channels == 1 else arr
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Decoder output (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
