@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from rissole_edge import blocks
+from rissole_edge.retrieval import keys_of, project   # the runtime computes query keys the same way
 
 from .autoencoder import VQAutoencoder
 from .config import DatabaseConfig
@@ -46,17 +47,6 @@ def code_latents(codebook: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return np.moveaxis(codebook[codes], -1, -3)
 
 
-def make_keys(latents: np.ndarray, key: str, blocks_per_side: int) -> np.ndarray:
-    """The vector an image is found by: its whole latent, or one block of it, flattened and
-    L2-normalised (cosine similarity)."""
-    if key == "latent":
-        flat = latents.reshape(len(latents), -1)
-    else:
-        flat = blocks.split(latents, blocks_per_side)[:, int(key.split(":")[1])].reshape(len(latents), -1)
-    flat = flat.astype(np.float32)
-    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-8)
-
-
 def fit_pca(keys: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(mean, components (dim, D)) from at most 20k keys; reduces the index size."""
     rng = np.random.default_rng(seed)
@@ -64,11 +54,6 @@ def fit_pca(keys: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarr
     mean = sample.mean(0)
     _, _, vt = np.linalg.svd(sample - mean, full_matrices=False)
     return mean.astype(np.float32), vt[:dim].astype(np.float32)
-
-
-def reduce(keys: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    out = (keys - mean) @ components.T
-    return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-8)).astype(np.float32)
 
 
 def build_index(keys: np.ndarray, m: int, ef_construction: int, seed: int) -> hnswlib.Index:
@@ -151,9 +136,9 @@ def study_keys(latents: np.ndarray, labels: np.ndarray | None, blocks_per_side: 
     out = []
     candidates = ["latent"] + [f"block:{p}" for p in (0, blocks_per_side * blocks_per_side // 2)]
     for key in dict.fromkeys(candidates):
-        full = make_keys(latents, key, blocks_per_side)
+        full = keys_of(latents, key, blocks_per_side)
         for dim in dict.fromkeys(min(d or full.shape[1], full.shape[1]) for d in dims):
-            keys = full if dim == full.shape[1] else reduce(full, *fit_pca(full, dim, seed))
+            keys = full if dim == full.shape[1] else project(full, *fit_pca(full, dim, seed))
             nbrs = exact_knn(keys, keys[queries], k + 1)[:, 1:]      # drop the query itself
             dist = np.linalg.norm(flat[nbrs] - flat[queries][:, None], axis=2).mean()
             agree = float((labels[nbrs] == labels[queries][:, None]).mean()) if labels is not None else None
@@ -173,10 +158,10 @@ def build(ae: VQAutoencoder, train: np.ndarray, labels: np.ndarray | None, cfg: 
     latents = code_latents(codebook, codes)                       # (N, D, h, w)
     if cfg.key != "latent" and int(cfg.key.split(":")[1]) >= blocks_per_side ** 2:
         raise ValueError(f"database.key {cfg.key} names a block beyond the {blocks_per_side ** 2} blocks")
-    full_keys = make_keys(latents, cfg.key, blocks_per_side)
+    full_keys = keys_of(latents, cfg.key, blocks_per_side)
     if cfg.key_dim and cfg.key_dim < full_keys.shape[1]:
         mean, components = fit_pca(full_keys, cfg.key_dim, seed)
-        keys = reduce(full_keys, mean, components)
+        keys = project(full_keys, mean, components)
     else:
         mean = np.zeros(full_keys.shape[1], np.float32)
         components = np.eye(full_keys.shape[1], dtype=np.float32)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import DataError, UsageError
+from rissole_edge.retrieval import keys_of, project
 
 from . import data, database, pack
 from .config import DataConfig
@@ -51,10 +52,10 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
         raise DataError(f"{len(images.train)} images are too few for a database: need at least {spec.window + 2}")
     log(f"encoding {len(images.train)} images with the bundle's encoder")
     latents, codes = _encode(source.read("encoder.onnx"), images.train)
-    full = database.make_keys(latents, spec.key, spec.blocks_per_side)
+    full = keys_of(latents, spec.key, spec.blocks_per_side)
     if spec.key_dim < full.shape[1]:
         mean, components = database.fit_pca(full, spec.key_dim, SEED)
-        keys = database.reduce(full, mean, components)
+        keys = project(full, mean, components)
     else:
         mean, components, keys = np.zeros(full.shape[1], np.float32), np.eye(full.shape[1], dtype=np.float32), full
     index = database.build_index(keys, m["retrieval"].get("hnsw_m", 16), 200, SEED)

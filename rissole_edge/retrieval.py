@@ -14,6 +14,7 @@ import threading
 import hnswlib
 import numpy as np
 
+from . import blocks
 from .bundle import Bundle, BundleError, Spec
 from .errors import UsageError
 from .index_guard import check_index
@@ -25,6 +26,26 @@ def draw_neighbours(candidates: np.ndarray, k: int, rng: np.random.Generator) ->
         raise ValueError(f"{len(candidates)} candidate neighbours, {k} needed")
     picked = np.sort(rng.permutation(len(candidates))[:k])
     return candidates[picked]
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+def keys_of(latents: np.ndarray, key: str, blocks_per_side: int) -> np.ndarray:
+    """The vectors images are found by, (N, C, h, w) -> (N, D): the whole latent or one block
+    of it ("block:N"), flattened and L2-normalised (cosine similarity). The toolchain builds the
+    database with this and the runtime computes `--like` queries with it."""
+    if key == "latent":
+        flat = latents.reshape(len(latents), -1)
+    else:
+        flat = blocks.split(latents, blocks_per_side)[:, int(key.split(":")[1])].reshape(len(latents), -1)
+    return _unit_rows(flat.astype(np.float32))
+
+
+def project(keys: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """PCA-reduce keys (it keeps the index small), then L2-normalise again."""
+    return _unit_rows((keys - mean) @ components.T)
 
 
 def load_index(data: bytes, spec: Spec) -> hnswlib.Index:
@@ -85,16 +106,9 @@ class Database:
             return np.asarray(self.index.get_items([entry]), dtype=np.float32)[0]
 
     def key_of_latent(self, latent: np.ndarray) -> np.ndarray:
-        """The retrieval key of a (C, h, w) latent: what the exporter computed for the database."""
-        if self.spec.key == "latent":
-            flat = latent.reshape(-1)
-        else:
-            b, s = self.spec.blocks_per_side, self.spec.block_side
-            p = int(self.spec.key.split(":")[1])
-            flat = latent[:, (p // b) * s:(p // b + 1) * s, (p % b) * s:(p % b + 1) * s].reshape(-1)
-        flat = flat / max(float(np.linalg.norm(flat)), 1e-8)
-        key = (flat - self.pca_mean) @ self.pca.T
-        return (key / max(float(np.linalg.norm(key)), 1e-8)).astype(np.float32)
+        """The retrieval key of a (C, h, w) latent, computed as the exporter did for the database."""
+        full = keys_of(latent[None], self.spec.key, self.spec.blocks_per_side)
+        return project(full, self.pca_mean, self.pca)[0]
 
     def neighbours(self, key: np.ndarray, own_codes: np.ndarray | None, rng: np.random.Generator,
                    label: int | None = None, exclude: int | None = None) -> np.ndarray:
