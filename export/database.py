@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,14 @@ def build_index(keys: np.ndarray, m: int, ef_construction: int, seed: int) -> hn
     index.init_index(max_elements=len(keys), M=m, ef_construction=ef_construction, random_seed=seed)
     index.add_items(keys, np.arange(len(keys)), num_threads=1)
     return index
+
+
+def index_bytes(index: hnswlib.Index) -> bytes:
+    """The index's file contents (hnswlib only saves to a path: go through a private temp dir)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "index.bin")
+        index.save_index(str(path))
+        return path.read_bytes()
 
 
 def exact_knn(keys: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -10,8 +10,6 @@ speed-up) with the very runtime that ships, and write the bundle with those figu
 from __future__ import annotations
 
 import math
-import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 
 import rissole_edge
 from rissole_edge import blocks
+from rissole_edge.bench import median_seconds
 from rissole_edge.bundle import Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
@@ -71,9 +70,7 @@ def _database_members(run: Path, m: RunModels, ids: np.ndarray) -> tuple[dict[st
         index = database.build_index(keys, m.cfg.database.hnsw_m, m.cfg.database.ef_construction, m.cfg.seed)
         queries = np.arange(min(1000, len(keys)))
         ef, recall = database.choose_ef(index, keys, queries, meta["recall_k"], m.cfg.database.target_recall)
-        with tempfile.TemporaryDirectory() as tmp:
-            index.save_index(str(Path(tmp, "index.bin")))
-            index_bytes = Path(tmp, "index.bin").read_bytes()
+        index_bytes = database.index_bytes(index)
     else:
         index_bytes = (folder / "index.bin").read_bytes()
     pca = np.load(folder / "pca.npz", allow_pickle=False)
@@ -103,14 +100,7 @@ def _time_call(model: bytes, feeds: dict, repeats: int = 30) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return median_seconds(lambda: sess.run(None, feeds), repeats)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:

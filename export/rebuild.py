@@ -61,12 +61,7 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
     index = database.build_index(keys, m["retrieval"].get("hnsw_m", 16), 200, SEED)
     queries = np.arange(min(1000, len(keys)))
     ef, recall = database.choose_ef(index, keys, queries, min(len(keys), spec.window + 1), 0.95)
-    index_path = Path(out).with_name(f".{Path(out).name}.index-tmp")
-    try:
-        index.save_index(str(index_path))
-        index_bytes = index_path.read_bytes()
-    finally:
-        index_path.unlink(missing_ok=True)
+    index_bytes = database.index_bytes(index)
     dtype = np.uint8 if spec.codebook_size <= 256 else np.uint16
     members = {name: source.read(name) for name in ("denoiser.onnx", "decoder.onnx", "encoder.onnx", "codebook.npy")}
     members.update({

@@ -49,17 +49,24 @@ def _child(cfg: dict) -> dict:
         if spec.k:
             feeds["cond"] = np.zeros((blocks, spec.k * spec.latent_channels, spec.block_side, spec.block_side),
                                      np.float32)
-        for _ in range(3):
-            gen.denoiser.run(["eps"], feeds)
-        ts = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            gen.denoiser.run(["eps"], feeds)
-            ts.append(time.perf_counter() - t0)
-        out[f"denoiser_call_ms_b{blocks}"] = float(np.median(ts)) * 1e3
+        out[f"denoiser_call_ms_b{blocks}"] = median_seconds(lambda: gen.denoiser.run(["eps"], feeds), 20) * 1e3
     gen.close()
     out["peak_rss_mb"] = budget.rss()[1] / 2 ** 20
     return out
+
+
+def median_seconds(call, repeats: int, warmup: int = 3) -> float:
+    """Median wall time of `call()` after a warm-up: robust to a noisy, shared machine."""
+    import numpy as np
+
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def run_child(cfg: dict, timeout: float = 600) -> dict:

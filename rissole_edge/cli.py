@@ -92,7 +92,7 @@ def generate(
     """Generate images block by block (onnxruntime + numpy + hnswlib; no torch)."""
     import time
 
-    from . import budget, images
+    from . import budget
     from .errors import UsageError
     from .generator import Generator, Query
     from .progress import Progress

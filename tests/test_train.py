@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
