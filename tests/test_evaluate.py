@@ -6,11 +6,18 @@ import math
 import numpy as np
 import pytest
 
+import rissole_export.evaluate as evaluation
 from rissole_edge.errors import UsageError
-from rissole_export.evaluate import (copying_score, evaluate, frechet_distance, kid, nearest_distances,
-                                     seam_ratio)
+from rissole_export.evaluate import (cached_features, copying_score, evaluate, frechet_distance, kid,
+                                     nearest_distances, seam_ratio)
 
 from conftest import SAMPLE
+
+
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path, monkeypatch):
+    """Keep the tests' reference features out of the user's cache (and out of each other's)."""
+    monkeypatch.setenv("RISSOLE_EDGE_CACHE", str(tmp_path / "cache"))
 
 
 def _smooth_images(n, side, seed, cutoff=4):
@@ -86,6 +93,26 @@ def test_copying_score_is_one_for_copies_and_zero_for_noise():
     noise = (np.random.default_rng(3).random((50, 16, 16)) > 0.5).astype(np.float32)
     score, _ = copying_score(nearest_distances(noise, train), d_test)
     assert score == 0.0
+
+
+def test_reference_features_are_computed_once_and_keyed_by_the_pixels(monkeypatch):
+    calls = []
+
+    def fake_features(images):
+        calls.append(len(images))
+        return np.tile(images.reshape(len(images), -1)[:, :1].astype(np.float64), (1, 1280))
+
+    monkeypatch.setattr(evaluation, "features", fake_features)
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    first = cached_features(images)
+    again = cached_features(images.copy())
+    assert calls == [5] and np.array_equal(first, again)
+    changed = images.copy()
+    changed[0, 0, 0, 0] ^= 1
+    assert not np.array_equal(cached_features(changed), first) and calls == [5, 5]
+    for path in evaluation.feature_cache_dir().glob("*.npy"):     # a damaged cache is recomputed
+        path.write_bytes(b"not a numpy file")
+    assert np.array_equal(cached_features(images), first) and calls == [5, 5, 5]
 
 
 def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
