@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -310,6 +311,35 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
     return cfg
 
 
+REUSED_SECTIONS = ("data", "autoencoder", "database")
+
+
+def reuse_stages(base: Path, out: Path, cfg: config.RunConfig) -> None:
+    """Copy the autoencoder and database of the finished run `base` into `out`, so that
+    denoiser variants (ablations, k, width) train on exactly the same latents and neighbours
+    and skip the costly first stages. Refused unless the settings those stages depend on match."""
+    base_path = base / "config.json"
+    if not base_path.exists():
+        raise UsageError(f"--reuse {base}: not a run directory (no config.json)")
+    base_cfg = config.load(base_path)
+    for section in REUSED_SECTIONS:
+        mine, theirs = getattr(cfg, section), getattr(base_cfg, section)
+        for key, value in vars(mine).items():
+            if value != getattr(theirs, key):
+                raise UsageError(f"--reuse {base}: its {section}.{key} is {getattr(theirs, key)!r}, "
+                                 f"this run's is {value!r}; they must match")
+    for stage in ("autoencoder", "database"):
+        if not stage_complete(base, stage, base_cfg):
+            raise UsageError(f"--reuse {base}: its {stage} stage is not complete")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("autoencoder.safetensors", "autoencoder.json"):
+        if not (out / name).exists():
+            shutil.copy2(base / name, out / name)
+    if not (out / "database" / "meta.json").exists():
+        shutil.rmtree(out / "database", ignore_errors=True)     # a copy cut short earlier
+        shutil.copytree(base / "database", out / "database")
+
+
 def check_partial(run: Path, stage: str, resume: bool, total: int) -> None:
     path = run / f"{stage}.safetensors"
     if path.exists() and not resume:
@@ -321,7 +351,7 @@ def check_partial(run: Path, stage: str, resume: bool, total: int) -> None:
 
 def train(source: str, out: Path, preset: str | None = None, config_file: Path | None = None,
           stage: str = "all", max_minutes: float | None = None, resume: bool = False,
-          progress: bool = True) -> dict:
+          progress: bool = True, reuse: Path | None = None) -> dict:
     """Run the requested stage(s); returns a summary (parameter counts, metrics, status)."""
     if stage not in STAGES + ("all",):
         raise UsageError(f"unknown stage {stage!r}; choose autoencoder, database, denoiser or all")
@@ -335,6 +365,8 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     ctx = Context(out, cfg, deadline, progress)
     if ctx.main:
+        if reuse is not None:
+            reuse_stages(reuse, out, cfg)
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.json")
     ctx.barrier()

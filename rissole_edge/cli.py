@@ -45,13 +45,14 @@ def train(
     stage: str = typer.Option("all", help="autoencoder | database | denoiser | all."),
     max_minutes: Optional[float] = typer.Option(None, help="Checkpoint and stop after this many minutes."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
+    reuse: Optional[Path] = typer.Option(None, "--reuse", help="Start from this finished run's autoencoder and database (same data, autoencoder and database settings): for denoiser variants."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Train a run: VQ autoencoder -> neighbour database -> block denoiser (toolchain extra)."""
     _toolchain()
     from rissole_export.train import train as run_training
 
-    summary = run_training(data, out, preset, config_file, stage, max_minutes, resume)
+    summary = run_training(data, out, preset, config_file, stage, max_minutes, resume, reuse=reuse)
     if json_out:
         typer.echo(json.dumps(summary, indent=2))
     else:

@@ -110,3 +110,22 @@ def test_patch_discriminator_trains_and_resumes(tmp_path):
         "--stage", "autoencoder", check=True)
     weights = load_file(str(run / "autoencoder.safetensors"))
     assert any(k.startswith("disc/") for k in weights) and any(k.startswith("disc_optim/") for k in weights)
+
+
+def test_reuse_trains_a_denoiser_variant_on_the_same_autoencoder_and_database(tmp_path, tiny_run, tiny_config):
+    variant = tmp_path / "variant.toml"
+    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\nkind = \"block-noretrieval\""))
+    out = tmp_path / "noretrieval"
+    cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(variant),
+        "--reuse", str(tiny_run), check=True)
+    assert (out / "autoencoder.safetensors").read_bytes() == (tiny_run / "autoencoder.safetensors").read_bytes()
+    assert (out / "database" / "meta.json").read_bytes() == (tiny_run / "database" / "meta.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["denoiser"]["kind"] == "block-noretrieval"
+    assert (out / "denoiser.safetensors").exists()
+
+    other = tmp_path / "other.toml"                       # a different autoencoder cannot be reused
+    other.write_text(tiny_config.read_text().replace("[autoencoder]", "[autoencoder]\ncodebook_size = 32"))
+    proc = cli("train", str(SAMPLE), "--out", str(tmp_path / "bad"), "--preset", "tiny", "--config", str(other),
+               "--reuse", str(tiny_run))
+    assert proc.returncode == 2 and "autoencoder.codebook_size" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
