@@ -291,7 +291,9 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     """Generation through the runtime: exactly the images users of the bundle get."""
     from rissole_edge.generator import Generator, Query
 
-    gen = Generator.open(path)
+    # One thread count for onnxruntime and torch (OMP_NUM_THREADS / torch's default): spinning
+    # onnxruntime workers on top of busy torch threads waste a shared machine's cores.
+    gen = Generator.open(path, threads=torch.get_num_threads())
     manifest = gen.bundle.manifest
     image = manifest["image"]
     name = manifest.get("dataset", {}).get("name")

@@ -189,11 +189,15 @@ def test_bench_quick_smoke(tiny_bundle):
         assert r["peak_rss_mb"] > 20 and r["denoiser_call_ms_b1"] > 0
 
 
-def test_shipped_bundles_verify_and_generate(tmp_path):
+@pytest.mark.parametrize("name,extra,size,mode", [("fashion-mnist", ["--label", "sneaker"], 32, "L"),
+                                                   ("twemoji", [], 64, "RGB")])
+def test_shipped_bundles_verify_and_generate(tmp_path, name, extra, size, mode):
     """CI never trains the shipped models; it checks that they verify and generate."""
     from rissole_edge.generator import shipped_bundle
-    bundle = shipped_bundle("fashion-mnist")
+    bundle = shipped_bundle(name)
     assert cli("verify", str(bundle)).returncode == 0
-    report = json.loads(cli("generate", "-m", "fashion-mnist", "--label", "sneaker", "-n", "2", "--steps", "10",
+    report = json.loads(cli("generate", "-m", name, *extra, "-n", "2", "--steps", "10",
                             "-o", str(tmp_path), "--json", check=True).stdout)
-    assert len(report["images"]) == 2 and Image.open(report["images"][0]).size == (32, 32)
+    image = Image.open(report["images"][0])
+    assert len(report["images"]) == 2 and image.size == (size, size) and image.mode == mode
+    assert np.asarray(image).std() > 5          # a picture, not a flat or blank square
