@@ -20,7 +20,7 @@ import torch
 import rissole_edge
 from rissole_edge import blocks
 from rissole_edge.bench import median_seconds
-from rissole_edge.bundle import Bundle
+from rissole_edge.bundle import MAX_GUIDANCE, Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 
@@ -32,7 +32,7 @@ from .train import STAGES, stage_complete
 PARITY_IMAGES = 16
 
 
-def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int) -> None:
+def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int, guidance: float) -> None:
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a training run (no config.json)")
     cfg = config.load(run / "config.json")
@@ -45,6 +45,8 @@ def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int
         raise UsageError(f"--target must be one of {', '.join(quantize.TARGETS)}, got {target!r}")
     if not 1 <= calibration <= 10000:
         raise UsageError("--calibration-samples must be between 1 and 10000")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
     if out.is_dir():
@@ -109,10 +111,12 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 
 def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibration_samples: int = 32,
-           db_limit: int | None = None, log=print, signing_key: bytes | None = None) -> dict:
-    """Export `run` to the bundle `out`; returns the manifest written."""
+           db_limit: int | None = None, log=print, signing_key: bytes | None = None,
+           guidance: float = 1.0) -> dict:
+    """Export `run` to the bundle `out`; returns the manifest written. `guidance` is recorded as
+    the scale `generate` uses by default: the person who trained the model knows what suits it."""
     run, out = Path(run), Path(out)
-    _check_inputs(run, out, mode, target, calibration_samples)
+    _check_inputs(run, out, mode, target, calibration_samples, guidance)
     torch.set_grad_enabled(False)
     m = RunModels.load(run)
     cfg, meta = m.cfg, m.db.meta
@@ -161,6 +165,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
+        "sampling": {"guidance": float(guidance)},
         "dataset": meta["dataset"],
         "parameters": {"denoiser": count_parameters(m.net), "decoder": count_parameters(m.ae.decoder)
                        + m.ae.codebook.embedding.numel(), "encoder": count_parameters(m.ae.encoder)},

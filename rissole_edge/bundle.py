@@ -190,6 +190,9 @@ def _field(manifest: dict, path: str, kind: type, low: float | None = None, high
     return value
 
 
+MAX_GUIDANCE = 20.0
+
+
 @dataclass(frozen=True)
 class Spec:
     """The manifest fields the runtime depends on, type- and range-checked once."""
@@ -214,6 +217,7 @@ class Spec:
     labels: tuple[str, ...]
     block_bytes: int
     image_bytes: int
+    guidance: float              # the exporter's recommended guidance scale (1 when it names none)
 
     @property
     def positions(self) -> int:
@@ -243,6 +247,7 @@ class Spec:
             labels=tuple(_field(m, "dataset.labels", list)),
             block_bytes=_field(m, "memory.block_bytes", int, 1, 1 << 34),
             image_bytes=_field(m, "memory.image_bytes", int, 1, 1 << 34),
+            guidance=_field(m, "sampling.guidance", float, 0, MAX_GUIDANCE) if "sampling" in m else 1.0,
         )
         key_ok = spec.key == "latent" or (re.fullmatch(r"block:[0-9]{1,4}", spec.key) is not None
                                           and int(spec.key[6:]) < spec.positions)

@@ -79,7 +79,7 @@ def generate(
     seed: int = typer.Option(0, "--seed", help="Same bundle, seed and settings -> same images."),
     steps: int = typer.Option(50, "--steps", help="Sampling steps (1 to the schedule's T)."),
     sampler_name: str = typer.Option("ddim", "--sampler", help="ddim (deterministic) or ddpm."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Neighbour guidance scale (1 = plain conditioning)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Neighbour guidance scale (1 = plain conditioning; default: the bundle's recommended scale, see info)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs."),
@@ -204,6 +204,7 @@ def export_cmd(
     target: str = typer.Option("x86", help="Quantization preset: x86 (AVX2/AVX-512 VNNI) or arm64."),
     calibration_samples: int = typer.Option(32, help="Images whose sampling trajectories calibrate int8."),
     db_limit: Optional[int] = typer.Option(None, help="Keep only this many database images (a seeded sample)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale the bundle recommends; generate uses it unless told otherwise."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the manifest with this secret key (see keygen)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -214,7 +215,7 @@ def export_cmd(
     _toolchain()
     from rissole_export.exporter import export
 
-    manifest = export(run, output, quantize, target, calibration_samples, db_limit,
+    manifest = export(run, output, quantize, target, calibration_samples, db_limit, guidance=guidance,
                       log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)),
                       signing_key=signing_key)
     if json_out:
@@ -300,6 +301,7 @@ def info(
         f"{q.get('mode')} {q.get('target', '')}",
         f"  database    {spec.images} images, k={spec.k} of the nearest {spec.window}, key {spec.key} "
         f"({spec.key_dim}-d), ef={spec.ef}",
+        f"  sampling    guidance {spec.guidance:g} by default",
         f"  dataset     {m.get('dataset', {}).get('name')} ({m.get('dataset', {}).get('licence')})"
         + (f", labels: {', '.join(spec.labels)}" if spec.labels else ""),
     ]

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from . import blocks, budget, rng, sampler
-from .bundle import Bundle, BundleError, Spec
+from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
 from .images import fit, to_pil, to_uint8
 from .onnx_guard import check_self_contained
@@ -140,12 +140,16 @@ class Generator:
     # ------------------------------------------------------------------ generation
 
     def generate(self, n: int = 1, seed: int = 0, steps: int = DEFAULT_STEPS, sampler_name: str = "ddim",
-                 query: Query | None = None, guidance: float = 1.0, on_progress: Progress | None = None,
+                 query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
                  as_array: bool = False, first_index: int = 0) -> list[Image.Image] | np.ndarray:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
+        `guidance` None uses the scale the bundle recommends (its exporter measured what suits the
+        model), 1 when it names none.
+
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
         pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
+        guidance = self.spec.guidance if guidance is None else guidance
         self._check(n, steps, sampler_name, guidance, seed)
         if not isinstance(first_index, int) or not 0 <= first_index < 2 ** 62:
             raise UsageError(f"first_index must be a non-negative integer, got {first_index}")
@@ -174,8 +178,8 @@ class Generator:
             raise UsageError(f"steps must be between 1 and {self.spec.timesteps}, got {steps}")
         if sampler_name not in sampler.SAMPLERS:
             raise UsageError(f"unknown sampler {sampler_name!r}; choose {' or '.join(sampler.SAMPLERS)}")
-        if not 0 <= guidance <= 20:
-            raise UsageError(f"guidance must be between 0 and 20, got {guidance}")
+        if not 0 <= guidance <= MAX_GUIDANCE:
+            raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise UsageError(f"seed must be a non-negative integer, got {seed}")
 

@@ -201,3 +201,19 @@ def test_shipped_bundles_verify_and_generate(tmp_path, name, extra, size, mode):
     image = Image.open(report["images"][0])
     assert len(report["images"]) == 2 and image.size == (size, size) and image.mode == mode
     assert np.asarray(image).std() > 5          # a picture, not a flat or blank square
+
+
+def test_the_bundle_recommended_guidance_is_the_default_and_can_be_overridden(tiny_bundle):
+    from rissole_edge.bundle import Bundle, BundleError
+    source = Bundle.open(tiny_bundle)
+    manifest = {k: v for k, v in source.manifest.items() if k not in ("members", "sampling")}
+    data = {name: source.read(name) for name in source.members}
+    with Generator.open(Bundle.in_memory(manifest, data)) as gen:
+        assert gen.spec.guidance == 1.0                    # bundles that name none: plain conditioning
+    recommended = Bundle.in_memory({**manifest, "sampling": {"guidance": 3.0}}, data)
+    with Generator.open(recommended) as gen:
+        default = gen.generate(2, seed=5, steps=4, as_array=True)
+        assert np.array_equal(default, gen.generate(2, seed=5, steps=4, guidance=3.0, as_array=True))
+        assert not np.array_equal(default, gen.generate(2, seed=5, steps=4, guidance=1.0, as_array=True))
+    with pytest.raises(BundleError, match="sampling.guidance"):
+        Generator.open(Bundle.in_memory({**manifest, "sampling": {"guidance": 99}}, data))
