@@ -205,8 +205,9 @@ def load(path: Path) -> RunConfig:
     return from_dict(json.loads(path.read_text()))
 
 
-def first_difference(a: RunConfig, b: RunConfig) -> str | None:
-    """Name the first setting that differs between two configs, for a one-line error."""
+def first_difference(a: RunConfig, b: RunConfig, sections: tuple[str, ...] | None = None) -> str | None:
+    """Name the first setting that differs between two configs (only within `sections`, if
+    given), for a one-line error."""
     def walk(x: Any, y: Any, where: str) -> str | None:
         if isinstance(x, dict):
             for key in x:
@@ -215,4 +216,7 @@ def first_difference(a: RunConfig, b: RunConfig) -> str | None:
                     return found
             return None
         return f"{where[:-1]} ({x!r} vs {y!r})" if x != y else None
-    return walk(json.loads(json.dumps(a.to_dict())), json.loads(json.dumps(b.to_dict())), "")
+    def plain(cfg: RunConfig) -> dict:
+        d = json.loads(json.dumps(cfg.to_dict()))
+        return d if sections is None else {k: d[k] for k in sections}
+    return walk(plain(a), plain(b), "")

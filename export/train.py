@@ -322,12 +322,10 @@ def reuse_stages(base: Path, out: Path, cfg: config.RunConfig) -> None:
     if not base_path.exists():
         raise UsageError(f"--reuse {base}: not a run directory (no config.json)")
     base_cfg = config.load(base_path)
-    for section in REUSED_SECTIONS:
-        mine, theirs = getattr(cfg, section), getattr(base_cfg, section)
-        for key, value in vars(mine).items():
-            if value != getattr(theirs, key):
-                raise UsageError(f"--reuse {base}: its {section}.{key} is {getattr(theirs, key)!r}, "
-                                 f"this run's is {value!r}; they must match")
+    diff = config.first_difference(base_cfg, cfg, REUSED_SECTIONS)
+    if diff:
+        raise UsageError(f"--reuse {base}: its settings differ from this run's in {diff}; "
+                         f"{', '.join(REUSED_SECTIONS)} settings must match")
     for stage in ("autoencoder", "database"):
         if not stage_complete(base, stage, base_cfg):
             raise UsageError(f"--reuse {base}: its {stage} stage is not complete")
