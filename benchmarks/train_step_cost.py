@@ -15,11 +15,13 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rissole_export import config, denoiser
+from rissole_export.layers import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"shipped": ROOT / "models" / "fashion-mnist.toml",
@@ -27,8 +29,8 @@ CONFIGS = {"shipped": ROOT / "models" / "fashion-mnist.toml",
 LATENT_CHANNELS, LATENT_SIDE = 4, 8        # Fashion-MNIST 32x32 through the small autoencoder
 
 
-def _step_fn(cfg: config.DenoiserConfig):
-    """One closure per config that runs a full training step on random data."""
+def _step_fn(cfg: config.DenoiserConfig) -> tuple[int, Callable[[], float]]:
+    """(parameter count, a closure that runs and times one full training step on random data)."""
     net = denoiser.build(cfg, LATENT_CHANNELS, LATENT_SIDE)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     block, positions = denoiser.geometry(cfg, LATENT_SIDE)
@@ -46,7 +48,7 @@ def _step_fn(cfg: config.DenoiserConfig):
         opt.step()
         return time.perf_counter() - started
 
-    return sum(p.numel() for p in net.parameters()), step
+    return count_parameters(net), step
 
 
 def main() -> None:

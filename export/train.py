@@ -237,7 +237,7 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
     ema = copy.deepcopy(net).requires_grad_(False)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     # fused: one kernel per step on a GPU, where this small model is bound by kernel launches
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, fused=ctx.device.type == "cuda")
+    opt = torch.optim.Adam(net_params, lr=cfg.lr, fused=ctx.device.type == "cuda")
     modules, optimizers = {"model": net, "ema": ema}, {"optim": opt}
     start = ctx.restore("denoiser", modules, optimizers)
     model = ctx.wrap(net)
