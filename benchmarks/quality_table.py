@@ -24,6 +24,12 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _seams(r: dict) -> str:
+    """A whole-latent row has no block borders, hence no seam ratio of its own."""
+    generated = r["seam_ratio_generated"]
+    return "n/a" if generated is None else f"{generated:.3f} / {r['seam_ratio_reference']:.3f}"
+
+
 def table(paths: list[Path]) -> str:
     results = [(path, json.loads(path.read_text())) for path in paths]
     settings = {(r["n"], r["seed"], r["steps"], r["reference"]) for _, r in results}
@@ -37,7 +43,7 @@ def table(paths: list[Path]) -> str:
         lines.append(
             f"| {_row_name(path)} | `{r['target']}` ({r['kind']}) | {r['fd_effnetlite0']:.2f} "
             f"| {r['fd_effnetlite0'] / base_fd:.3f} | {r['kid_effnetlite0']:.4f} "
-            f"| {r['seam_ratio_generated']:.3f} / {r['seam_ratio_reference']:.3f} "
+            f"| {_seams(r)} "
             f"| {_percent(r['copying_score'])} | {_percent(r['label_accuracy'])} |")
     n, seed, steps, reference = settings.pop()
     lines.append("")
