@@ -37,6 +37,7 @@ from .layers import count_parameters
 from .sampling import RunModels, block_latents, generate, load_autoencoder, to_pixels
 
 STAGES = ("autoencoder", "database", "denoiser")
+OUTPUTS = {"autoencoder": "autoencoder.safetensors", "database": "database", "denoiser": "denoiser.safetensors"}
 
 
 class Stopped(Exception):
@@ -369,6 +370,7 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
         out.mkdir(parents=True, exist_ok=True)
         config.save(cfg, out / "config.json")
     ctx.barrier()
+    refuse_orphaned_stages(out, cfg)
     torch.manual_seed(cfg.seed)
     summary: dict = {"run": str(out), "status": "complete"}
     wanted = STAGES if stage == "all" else (stage,)
@@ -408,6 +410,22 @@ def stage_complete(run: Path, stage: str, cfg: config.RunConfig) -> bool:
     path = run / f"{stage}.safetensors"
     total = cfg.autoencoder.steps if stage == "autoencoder" else cfg.denoiser.steps
     return path.exists() and checkpoint.step_of(path) >= total
+
+
+def refuse_orphaned_stages(run: Path, cfg: config.RunConfig) -> None:
+    """Refuse to retrain a stage that later stages were built on. A run whose autoencoder went
+    missing (deleted to save space, say) would otherwise get a new one, and the database and
+    denoiser that remain would silently belong to latents that no longer exist: hours of
+    training lost, or worse, a run that trains on but no longer makes sense."""
+    for i, stage in enumerate(STAGES):
+        if stage_complete(run, stage, cfg):
+            continue
+        later = [name for name in STAGES[i + 1:] if (run / OUTPUTS[name]).exists()]
+        if later:
+            raise UsageError(f"{run}: its {' and '.join(later)} {'was' if len(later) == 1 else 'were'} "
+                             f"built on a {stage} stage that is now missing or incomplete; restore the "
+                             f"{stage} (--reuse BASE copies it from a finished run) or use a new --out")
+        return
 
 
 def require_previous(run: Path, stage: str, cfg: config.RunConfig) -> None:

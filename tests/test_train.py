@@ -123,6 +123,15 @@ def test_reuse_trains_a_denoiser_variant_on_the_same_autoencoder_and_database(tm
     assert json.loads((out / "config.json").read_text())["denoiser"]["kind"] == "block-noretrieval"
     assert (out / "denoiser.safetensors").exists()
 
+    for name in ("autoencoder.safetensors", "autoencoder.json"):  # a copied stage deleted later
+        (out / name).unlink()
+    denoiser_bytes = (out / "denoiser.safetensors").read_bytes()
+    proc = cli("train", str(SAMPLE), "--out", str(out), "--resume")
+    assert proc.returncode == 2 and "--reuse" in proc.stderr and "denoiser" in proc.stderr, proc.stderr
+    assert not (out / "autoencoder.safetensors").exists()        # nothing retrained
+    cli("train", str(SAMPLE), "--out", str(out), "--resume", "--reuse", str(tiny_run), check=True)
+    assert (out / "denoiser.safetensors").read_bytes() == denoiser_bytes
+
     other = tmp_path / "other.toml"                       # a different autoencoder cannot be reused
     other.write_text(tiny_config.read_text().replace("[autoencoder]", "[autoencoder]\ncodebook_size = 32"))
     proc = cli("train", str(SAMPLE), "--out", str(tmp_path / "bad"), "--preset", "tiny", "--config", str(other),
