@@ -82,6 +82,7 @@ def generate(
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Neighbour guidance scale (1 = plain conditioning; default: the bundle's recommended scale, see info)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
+    spin: bool = typer.Option(True, "--spin/--no-spin", help="--no-spin: idle threads sleep instead of busy-waiting: less CPU, a little slower."),
     out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
     like: Optional[Path] = typer.Option(None, "--like", help="Generate images like this one (retrieval by image)."),
@@ -103,7 +104,7 @@ def generate(
     _check_writable(out, grid_file)
     t0 = time.perf_counter()
     with Generator.open(_bundle_path(model), memory_budget=memory_budget, threads=threads,
-                        trusted_keys=_trusted(trusted_key)) as gen:
+                        trusted_keys=_trusted(trusted_key), spin=spin) as gen:
         t_open = time.perf_counter() - t0
         bar = Progress(1, "generate", enabled=None if not json_out else False)
 
@@ -188,12 +189,13 @@ def bench(
         return
     for r in results:
         c = r["config"]
-        name = f"threads={c['threads']} steps={c['steps']}" + (f" budget={c['budget'] / 2 ** 20:.0f}MB" if c.get("budget") else "")
+        name = (f"threads={c['threads']} steps={c['steps']}" + ("" if c.get("spin", True) else " no-spin")
+                + (f" budget={c['budget'] / 2 ** 20:.0f}MB" if c.get("budget") else ""))
         if "error" in r:
             typer.echo(f"{name}: failed: {r['error']}")
             continue
         typer.echo(f"{name}: cold {r['cold_s']:.2f} s (open {r['open_s']:.3f} s), warm {r['warm_image_s'] * 1e3:.0f} ms/image, "
-                   f"batched {r['batched_images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.1f} MB ({r['plan']})")
+                   f"(CPU {r['warm_image_cpu_s'] * 1e3:.0f} ms), batched {r['batched_images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.1f} MB ({r['plan']})")
 
 
 @app.command("export")
