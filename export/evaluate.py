@@ -280,7 +280,7 @@ class _Source:
     kind: str                          # "bundle" or "run"
     data_source: str | None            # where its training data is, if it says so
     data_cfg: DataConfig               # geometry to load that data with
-    blocks_per_side: int
+    blocks_per_side: int               # the grid the seam ratio is measured at
     labels: tuple[str, ...]            # labels it can be asked for (empty: none)
     generate: Callable[[int, int, int], np.ndarray]                 # (n, seed, steps) -> uint8
     generate_label: Callable[[str, int, int, int], np.ndarray] | None  # (label, n, seed, steps)
@@ -349,7 +349,9 @@ def _open_run(run: Path, log: Log) -> _Source:
 
     return _Source(
         kind="run", data_source=cfg.data.source or None, data_cfg=replace(cfg.data),
-        blocks_per_side=1 if cfg.denoiser.kind == "whole" else cfg.denoiser.blocks_per_side,
+        # A whole-latent run is measured at the grid of its block-wise counterpart (same config):
+        # it has no borders there, so its ratio is the control a block model is compared with.
+        blocks_per_side=cfg.denoiser.blocks_per_side,
         labels=(), generate=generate, generate_label=None, close=lambda: None,
     )
 

@@ -11,7 +11,7 @@ from rissole_edge.errors import UsageError
 from rissole_export.evaluate import (cached_features, copying_score, evaluate, frechet_distance, kid,
                                      nearest_distances, seam_ratio)
 
-from conftest import SAMPLE
+from conftest import SAMPLE, cli
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +138,19 @@ def test_evaluate_a_run_directory(tiny_run):
     assert result["kind"] == "run" and result["reference_images"] == 8
     assert math.isfinite(result["fd_effnetlite0"]) and math.isfinite(result["kid_effnetlite0"])
     assert result["label_accuracy"] is None and result["seam_ratio_generated"] is not None
+
+
+def test_a_whole_latent_run_is_measured_at_its_block_counterparts_grid(tiny_run, tiny_config, tmp_path):
+    variant = tmp_path / "whole.toml"
+    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\nkind = \"whole\""))
+    run = tmp_path / "whole"
+    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(variant),
+        "--reuse", str(tiny_run), check=True)
+    result = evaluate(run, n=8, steps=5, seed=1, log=lambda _: None)
+    block = evaluate(tiny_run, n=8, steps=5, seed=1, log=lambda _: None)
+    assert result["blocks_per_side"] == block["blocks_per_side"] == 2
+    assert math.isfinite(result["seam_ratio_generated"])
+    assert result["seam_ratio_reference"] == block["seam_ratio_reference"]
 
 
 def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tiny_run, tmp_path):
