@@ -33,6 +33,15 @@ def cli(*args: str, check: bool = False, env: dict | None = None, timeout: float
     return proc
 
 
+def train_variant(tiny_run: Path, tiny_config: Path, out: Path, kind: str) -> Path:
+    """Train a denoiser of another kind on the tiny run's autoencoder and database (--reuse)."""
+    variant = out.parent / f"{out.name}.toml"
+    variant.write_text(tiny_config.read_text().replace("[denoiser]", f"[denoiser]\nkind = \"{kind}\""))
+    cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(variant),
+        "--reuse", str(tiny_run), check=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("config") / "tiny.toml"

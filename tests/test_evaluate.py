@@ -11,7 +11,7 @@ from rissole_edge.errors import UsageError
 from rissole_export.evaluate import (cached_features, copying_score, evaluate, frechet_distance, kid,
                                      nearest_distances, seam_ratio)
 
-from conftest import SAMPLE, cli
+from conftest import SAMPLE, train_variant
 
 
 @pytest.fixture(autouse=True)
@@ -141,11 +141,7 @@ def test_evaluate_a_run_directory(tiny_run):
 
 
 def test_a_whole_latent_run_is_measured_at_its_block_counterparts_grid(tiny_run, tiny_config, tmp_path):
-    variant = tmp_path / "whole.toml"
-    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\nkind = \"whole\""))
-    run = tmp_path / "whole"
-    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(variant),
-        "--reuse", str(tiny_run), check=True)
+    run = train_variant(tiny_run, tiny_config, tmp_path / "whole", "whole")
     result = evaluate(run, n=8, steps=5, seed=1, log=lambda _: None)
     block = evaluate(tiny_run, n=8, steps=5, seed=1, log=lambda _: None)
     assert result["blocks_per_side"] == block["blocks_per_side"] == 2

@@ -10,7 +10,7 @@ import time
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, cli
+from conftest import SAMPLE, cli, train_variant
 
 
 def test_a_run_holds_everything(tiny_run):
@@ -113,11 +113,7 @@ def test_patch_discriminator_trains_and_resumes(tmp_path):
 
 
 def test_reuse_trains_a_denoiser_variant_on_the_same_autoencoder_and_database(tmp_path, tiny_run, tiny_config):
-    variant = tmp_path / "variant.toml"
-    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\nkind = \"block-noretrieval\""))
-    out = tmp_path / "noretrieval"
-    cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(variant),
-        "--reuse", str(tiny_run), check=True)
+    out = train_variant(tiny_run, tiny_config, tmp_path / "noretrieval", "block-noretrieval")
     assert (out / "autoencoder.safetensors").read_bytes() == (tiny_run / "autoencoder.safetensors").read_bytes()
     assert (out / "database" / "meta.json").read_bytes() == (tiny_run / "database" / "meta.json").read_bytes()
     assert json.loads((out / "config.json").read_text())["denoiser"]["kind"] == "block-noretrieval"
