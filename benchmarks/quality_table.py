@@ -24,10 +24,15 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _ratio(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _seams(r: dict) -> str:
-    """A whole-latent row has no block borders, hence no seam ratio of its own."""
-    generated = r["seam_ratio_generated"]
-    return "n/a" if generated is None else f"{generated:.3f} / {r['seam_ratio_reference']:.3f}"
+    """Generated / the references through the target's autoencoder (the control; results from
+    before evaluate measured it have none) / the references themselves."""
+    return " / ".join(_ratio(r.get(key)) for key in
+                      ("seam_ratio_generated", "seam_ratio_reconstructed", "seam_ratio_reference"))
 
 
 def table(paths: list[Path]) -> str:
@@ -36,7 +41,7 @@ def table(paths: list[Path]) -> str:
     if len(settings) != 1:
         raise SystemExit(f"error: rows differ in (n, seed, steps, reference): {sorted(settings)}")
     base_fd = results[0][1]["fd_effnetlite0"]
-    lines = ["| row | target | FD-EffNetLite0 | FD / first row | KID | seam ratio (generated / real) "
+    lines = ["| row | target | FD-EffNetLite0 | FD / first row | KID | seam ratio (generated / autoencoder / real) "
              "| copying | label accuracy |",
              "|---|---|---|---|---|---|---|---|"]
     for path, r in results:

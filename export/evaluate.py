@@ -9,6 +9,8 @@ metric here answers one of them:
   comparable with published (Inception) FIDs: compare runs with each other.
 - Coherence: the seam ratio, the pixel jump across block borders over the jump between
   neighbouring rows/columns inside blocks. Real images give about 1.0; incoherent blocks more.
+  Its control is the ratio of the reference images passed through the target's own
+  autoencoder: what a generator with perfect blocks could reach through that decoder.
 - Copying: the share of generated images closer to a training image than almost every held-out
   test image is (below the 1st percentile of the test images' nearest-train distances).
 - Control: for labelled data, the share of images generated for a label that a classifier
@@ -284,6 +286,7 @@ class _Source:
     labels: tuple[str, ...]            # labels it can be asked for (empty: none)
     generate: Callable[[int, int, int], np.ndarray]                 # (n, seed, steps) -> uint8
     generate_label: Callable[[str, int, int, int], np.ndarray] | None  # (label, n, seed, steps)
+    reconstruct: Callable[[np.ndarray], np.ndarray] | None   # uint8 images through the autoencoder
     close: Callable[[], None]
 
 
@@ -317,8 +320,31 @@ def _open_bundle(path: Path, log: Log) -> _Source:
         generate=generate,
         generate_label=(lambda label, n, seed, steps: generate(n, seed, steps, Query(label=label)))
         if has_labels else None,
+        reconstruct=_onnx_round_trip(gen) if "encoder.onnx" in gen.bundle.members else None,
         close=gen.close,
     )
+
+
+def _onnx_round_trip(gen: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """Images through the bundle's encoder and (int8) decoder, as the runtime runs them."""
+    import onnxruntime as ort
+
+    from rissole_edge.images import to_uint8
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    encoder, decoder = (ort.InferenceSession(gen.bundle.read(name), options, providers=["CPUExecutionProvider"])
+                        for name in ("encoder.onnx", "decoder.onnx"))
+
+    def reconstruct(images: np.ndarray) -> np.ndarray:
+        parts = []
+        for part in _batches(len(images), GENERATE_CHUNK):
+            x = images[part].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+            latent = encoder.run(["latent"], {"image": x})[0]
+            parts.append(to_uint8(decoder.run(["image"], {"latent": latent * gen.spec.latent_scale})[0]))
+        return np.concatenate(parts)
+
+    return reconstruct
 
 
 def _chunk_seed(seed: int, chunk: int) -> int:
@@ -332,7 +358,8 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 def _open_run(run: Path, log: Log) -> _Source:
     """Generation with the run's torch models (EMA weights): the model before export."""
-    from .sampling import RunModels, generate as torch_generate
+    from .database import to_tensor
+    from .sampling import RunModels, generate as torch_generate, to_pixels
 
     m = RunModels.load(run)
     cfg = m.cfg
@@ -347,12 +374,17 @@ def _open_run(run: Path, log: Log) -> _Source:
             log(f"generated {part.stop}/{n} images")
         return np.concatenate(parts)
 
+    @torch.no_grad()
+    def reconstruct(images: np.ndarray) -> np.ndarray:
+        return np.concatenate([to_pixels(m.ae(to_tensor(images[part]))["recon"])
+                               for part in _batches(len(images), GENERATE_CHUNK)])
+
     return _Source(
         kind="run", data_source=cfg.data.source or None, data_cfg=replace(cfg.data),
         # A whole-latent run is measured at the grid of its block-wise counterpart (same config):
         # it has no borders there, so its ratio is the control a block model is compared with.
         blocks_per_side=cfg.denoiser.blocks_per_side,
-        labels=(), generate=generate, generate_label=None, close=lambda: None,
+        labels=(), generate=generate, generate_label=None, reconstruct=reconstruct, close=lambda: None,
     )
 
 
@@ -546,6 +578,8 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         "blocks_per_side": source.blocks_per_side,
         "seam_ratio_generated": _number(seam_ratio(generated, source.blocks_per_side)),
         "seam_ratio_reference": _number(seam_ratio(refs, source.blocks_per_side)),
+        "seam_ratio_reconstructed": _number(seam_ratio(source.reconstruct(refs), source.blocks_per_side))
+        if source.reconstruct is not None else None,
         "copying_score": copying,
         "copying_threshold": threshold,
         "nearest_train_distance_generated_median": float(np.median(d_gen)),

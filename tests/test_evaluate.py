@@ -8,6 +8,8 @@ import pytest
 
 import rissole_export.evaluate as evaluation
 from rissole_edge.errors import UsageError
+from rissole_export import config
+from rissole_export import data as datasets
 from rissole_export.evaluate import (cached_features, copying_score, evaluate, frechet_distance, kid,
                                      nearest_distances, seam_ratio)
 
@@ -119,6 +121,7 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     lines = []
     result = evaluate(tiny_bundle, n=20, data=str(SAMPLE), steps=10, seed=0, log=lines.append)
     for key in ("fd_effnetlite0", "kid_effnetlite0", "seam_ratio_generated", "seam_ratio_reference",
+                "seam_ratio_reconstructed",
                 "copying_score", "copying_threshold", "nearest_train_distance_generated_median",
                 "nearest_train_distance_test_median", "label_accuracy", "classifier_test_accuracy",
                 "n", "reference", "target", "steps", "seed", "seconds"):
@@ -127,7 +130,8 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
             assert math.isfinite(result[key]), key
     assert result["n"] == 20 and result["reference"] == "test" and result["steps"] == 10
     assert result["fd_effnetlite0"] > 0
-    assert result["seam_ratio_generated"] is not None and result["seam_ratio_reference"] is not None
+    assert None not in (result["seam_ratio_generated"], result["seam_ratio_reference"],
+                        result["seam_ratio_reconstructed"])
     assert 0 <= result["copying_score"] <= 1 and result["copying_threshold"] > 0
     assert 0 <= result["label_accuracy"] <= 1 and 0 <= result["classifier_test_accuracy"] <= 1
     assert lines, "evaluate reports progress through log"
@@ -138,6 +142,7 @@ def test_evaluate_a_run_directory(tiny_run):
     assert result["kind"] == "run" and result["reference_images"] == 8
     assert math.isfinite(result["fd_effnetlite0"]) and math.isfinite(result["kid_effnetlite0"])
     assert result["label_accuracy"] is None and result["seam_ratio_generated"] is not None
+    assert math.isfinite(result["seam_ratio_reconstructed"])
 
 
 def test_a_whole_latent_run_is_measured_at_its_block_counterparts_grid(tiny_run, tiny_config, tmp_path):
@@ -164,3 +169,18 @@ def test_evaluate_refuses_bad_input_in_one_line(tiny_bundle, tiny_run, tmp_path)
     (tmp_path / "config.json").write_bytes((tiny_run / "config.json").read_bytes())
     with pytest.raises(UsageError, match="not trained"):
         evaluate(tmp_path, n=20)
+
+
+def test_a_bundle_reconstructs_like_the_run_it_was_exported_from(tiny_run, tiny_bundle):
+    """The seam-ratio control must go through the same autoencoder whatever the target's form:
+    a wrong latent scale or channel order in the ONNX round trip would fail this."""
+    images = datasets.load(str(SAMPLE), config.load(tiny_run / "config.json").data).test
+    run = evaluation._open_target(tiny_run, lambda _: None)
+    bundle = evaluation._open_target(tiny_bundle, lambda _: None)
+    try:
+        a, b = run.reconstruct(images), bundle.reconstruct(images)
+    finally:
+        bundle.close()
+    error = np.abs(a.astype(np.float32) - b.astype(np.float32)).mean()
+    baseline = np.abs(a.astype(np.float32) - images.astype(np.float32)).mean()
+    assert a.shape == b.shape == images.shape and error < baseline / 4
