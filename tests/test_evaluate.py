@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 import rissole_export.evaluate as evaluation
 from rissole_edge.errors import UsageError
@@ -184,3 +185,14 @@ def test_a_bundle_reconstructs_like_the_run_it_was_exported_from(tiny_run, tiny_
     error = np.abs(a.astype(np.float32) - b.astype(np.float32)).mean()
     baseline = np.abs(a.astype(np.float32) - images.astype(np.float32)).mean()
     assert a.shape == b.shape == images.shape and error < baseline / 4
+
+
+def test_the_label_classifier_is_the_same_however_busy_the_machine(tiny_run):
+    """Its step count is fixed, so label accuracy is a function of the target and the seed."""
+    data = datasets.load(str(SAMPLE), config.load(tiny_run / "config.json").data)
+    nets = [evaluation.train_classifier(data.train, data.train_labels, len(data.class_names), seed=3,
+                                        log=lambda _: None) for _ in range(2)]
+    a, b = (net.state_dict() for net in nets)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    accuracy = np.mean(evaluation.classify(nets[0], data.train) == data.train_labels)
+    assert accuracy > 2 / len(data.class_names)        # and it learned: twice chance or better
