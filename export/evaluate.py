@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
 from . import config as run_config
 from . import data as datasets
 from .config import DataConfig
+
+if TYPE_CHECKING:      # the generator (onnxruntime) is imported only when a bundle is evaluated
+    from rissole_edge.generator import Generator
 
 KNOWN_SOURCES = ("fashion-mnist", "twemoji")      # data a bundle's name is enough to find
 RUN_FILES = ("autoencoder.safetensors", "denoiser.safetensors", "database/meta.json")
@@ -293,9 +296,9 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     """Generation through the runtime: exactly the images users of the bundle get."""
     from rissole_edge.generator import Generator, Query
 
-    # One thread count for onnxruntime and torch (OMP_NUM_THREADS / torch's default): spinning
-    # onnxruntime workers on top of busy torch threads waste a shared machine's cores.
-    gen = Generator.open(path, threads=torch.get_num_threads())
+    # One thread count for onnxruntime and torch (OMP_NUM_THREADS / torch's default), and idle
+    # onnxruntime workers sleep: spinning ones on top of busy torch threads waste shared cores.
+    gen = Generator.open(path, threads=torch.get_num_threads(), spin=False)
     manifest = gen.bundle.manifest
     image = manifest["image"]
     name = manifest.get("dataset", {}).get("name")
@@ -324,7 +327,7 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     )
 
 
-def _onnx_round_trip(gen: Any) -> Callable[[np.ndarray], np.ndarray]:
+def _onnx_round_trip(gen: Generator) -> Callable[[np.ndarray], np.ndarray]:
     """Images through the bundle's encoder and (int8) decoder, as the runtime runs them."""
     import onnxruntime as ort
 
@@ -332,6 +335,7 @@ def _onnx_round_trip(gen: Any) -> Callable[[np.ndarray], np.ndarray]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     encoder, decoder = (ort.InferenceSession(gen.bundle.read(name), options, providers=["CPUExecutionProvider"])
                         for name in ("encoder.onnx", "decoder.onnx"))
 
