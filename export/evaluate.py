@@ -328,23 +328,17 @@ def _open_bundle(path: Path, log: Log) -> _Source:
 
 
 def _onnx_round_trip(gen: Generator) -> Callable[[np.ndarray], np.ndarray]:
-    """Images through the bundle's encoder and (int8) decoder, as the runtime runs them."""
-    import onnxruntime as ort
-
+    """Images through the bundle's encoder and (int8) decoder, the sessions the runtime runs."""
     from rissole_edge.images import to_uint8
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    encoder, decoder = (ort.InferenceSession(gen.bundle.read(name), options, providers=["CPUExecutionProvider"])
-                        for name in ("encoder.onnx", "decoder.onnx"))
+    encoder = gen.encoder_session()
 
     def reconstruct(images: np.ndarray) -> np.ndarray:
         parts = []
         for part in _batches(len(images), GENERATE_CHUNK):
             x = images[part].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
             latent = encoder.run(["latent"], {"image": x})[0]
-            parts.append(to_uint8(decoder.run(["image"], {"latent": latent * gen.spec.latent_scale})[0]))
+            parts.append(to_uint8(gen.decoder.run(["image"], {"latent": latent * gen.spec.latent_scale})[0]))
         return np.concatenate(parts)
 
     return reconstruct
@@ -568,6 +562,7 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         copying, threshold = copying_score(d_gen, d_test)
 
         label_acc, classifier_acc = _label_accuracy(source, images, n, seed, steps, log)
+        reconstructed = source.reconstruct(refs) if source.reconstruct is not None else None
     finally:
         source.close()
 
@@ -579,8 +574,8 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         "blocks_per_side": source.blocks_per_side,
         "seam_ratio_generated": _number(seam_ratio(generated, source.blocks_per_side)),
         "seam_ratio_reference": _number(seam_ratio(refs, source.blocks_per_side)),
-        "seam_ratio_reconstructed": _number(seam_ratio(source.reconstruct(refs), source.blocks_per_side))
-        if source.reconstruct is not None else None,
+        "seam_ratio_reconstructed": _number(seam_ratio(reconstructed, source.blocks_per_side))
+        if reconstructed is not None else None,
         "copying_score": copying,
         "copying_threshold": threshold,
         "nearest_train_distance_generated_median": float(np.median(d_gen)),

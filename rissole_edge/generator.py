@@ -214,11 +214,17 @@ class Generator:
             out[row] = nb.transpose(1, 0, 2, 3, 4).reshape(spec.positions, -1, spec.block_side, spec.block_side)
         return out
 
-    def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    def encoder_session(self) -> ort.InferenceSession:
+        """The bundle's encoder (image -> latent snapped to codes, codes), opened on first use:
+        only queries by image and evaluation need it, so plain generation never pays for it."""
         if "encoder.onnx" not in self.bundle.members:
             raise UsageError("this bundle has no encoder, so it cannot search by image")
         if self.encoder is None:
             self.encoder = _session(self.bundle.read("encoder.onnx"), "encoder", *self._session_args)
+        return self.encoder
+
+    def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        encoder = self.encoder_session()
         if not isinstance(like, Image.Image):
             try:
                 with Image.open(like) as im:
@@ -232,7 +238,7 @@ class Generator:
         except (ValueError, TypeError, OverflowError):
             raise BundleError("bundle manifest field image.background is not a colour") from None
         x = pixels.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
-        latent, codes = _run(self.encoder, "encoder", ["latent", "codes"], {"image": x})
+        latent, codes = _run(encoder, "encoder", ["latent", "codes"], {"image": x})
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own
 
