@@ -37,7 +37,6 @@ from .layers import count_parameters
 from .sampling import RunModels, block_latents, generate, load_autoencoder, to_pixels
 
 STAGES = ("autoencoder", "database", "denoiser")
-OUTPUTS = {"autoencoder": "autoencoder.safetensors", "database": "database", "denoiser": "denoiser.safetensors"}
 
 
 class Stopped(Exception):
@@ -404,10 +403,15 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
     return summary
 
 
+def stage_output(run: Path, stage: str) -> Path:
+    """What a stage writes: the database folder, or the other stages' checkpoint file."""
+    return run / "database" if stage == "database" else run / f"{stage}.safetensors"
+
+
 def stage_complete(run: Path, stage: str, cfg: config.RunConfig) -> bool:
     if stage == "database":
-        return (run / "database" / "meta.json").exists()
-    path = run / f"{stage}.safetensors"
+        return (stage_output(run, stage) / "meta.json").exists()
+    path = stage_output(run, stage)
     total = cfg.autoencoder.steps if stage == "autoencoder" else cfg.denoiser.steps
     return path.exists() and checkpoint.step_of(path) >= total
 
@@ -420,7 +424,7 @@ def refuse_orphaned_stages(run: Path, cfg: config.RunConfig) -> None:
     for i, stage in enumerate(STAGES):
         if stage_complete(run, stage, cfg):
             continue
-        later = [name for name in STAGES[i + 1:] if (run / OUTPUTS[name]).exists()]
+        later = [name for name in STAGES[i + 1:] if stage_output(run, name).exists()]
         if later:
             raise UsageError(f"{run}: its {' and '.join(later)} {'was' if len(later) == 1 else 'were'} "
                              f"built on a {stage} stage that is now missing or incomplete; restore the "
