@@ -25,7 +25,7 @@ from rissole_export.layers import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"shipped": ROOT / "models" / "fashion-mnist.toml",
-           **{p.stem: p for p in sorted((ROOT / "benchmarks" / "ablations").glob("*.toml"))}}
+           **{p.stem: p for p in sorted((ROOT / "benchmarks" / "ablations").glob("*.toml"), key=lambda p: p.stem)}}
 LATENT_CHANNELS, LATENT_SIDE = 4, 8        # Fashion-MNIST 32x32 through the small autoencoder
 
 
@@ -58,9 +58,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    runs = {}
+    runs, seen = {}, []
     for name, path in CONFIGS.items():
         cfg = config.resolve("small", config.read_config_file(path))
+        if cfg.denoiser in seen:
+            continue                    # a seed variant: the same step as a config already timed
+        seen.append(cfg.denoiser)
         params, step = _step_fn(cfg.denoiser)
         step()                                                  # warm-up
         runs[name] = {"parameters": params, "steps": cfg.denoiser.steps, "times": [], "fn": step}

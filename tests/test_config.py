@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from rissole_export import config
 from rissole_export.config import ConfigError
+from rissole_export.train import REUSED_SECTIONS
 
 
 @pytest.mark.parametrize("preset", list(config.PRESETS))
@@ -40,3 +42,18 @@ def test_config_file_errors_are_one_line(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"denoiser": {"k": 3}}))
     assert config.read_config_file(good) == {"denoiser": {"k": 3}}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+ABLATIONS = sorted((ROOT / "benchmarks" / "ablations").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=[p.stem for p in ABLATIONS])
+def test_ablation_configs_reuse_the_shipped_base(path):
+    """Every quality ablation trains with --reuse over the shipped recipe's run, which train
+    refuses unless the reused stages' settings match: a config that drifts fails here, not
+    after an hour of training."""
+    shipped = config.resolve("small", config.read_config_file(ROOT / "models" / "fashion-mnist.toml"))
+    variant = config.resolve("small", config.read_config_file(path))
+    assert config.first_difference(shipped, variant, REUSED_SECTIONS) is None
+    assert variant != shipped
