@@ -4,7 +4,7 @@ built from trained runs' configs (quality rows d and e), in one run.
     python benchmarks/generation_cost.py RUN... [--bundle models/fashion-mnist.rissole] [--rounds 2]
 
 Answers "what does the block model save at generation time?" next to the FD rows of
-benchmarks/results/quality.md. Each measurement is its own child process (perf.py's), rounds
+benchmarks/results/quality.md. Each measurement is its own child process (bench's or perf.py's), rounds
 interleave the contenders so that a shared machine slows them alike; the JSON gives each
 contender's median over rounds and its ratio to the block runtime at the same thread count.
 The block figure is the whole pipeline (retrieval, int8 denoiser, int8 decoder); a
@@ -16,31 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import perf
+from rissole_edge.bench import run_child
+
+STEPS = 50
 
 
-def _child(target: str, threads: int) -> float:
-    """ms per image, measured in a fresh process."""
+def _ms_per_image(target: str, threads: int) -> float:
+    """One measurement in a fresh process: bench's child for a bundle, perf's for a run."""
     if target.endswith(".rissole"):
-        from rissole_edge.generator import Generator
-        with Generator.open(target, threads=threads) as gen:
-            seconds = perf._timed(lambda: gen.generate(perf.BATCH, seed=0, steps=50, as_array=True), 2)
-    else:
-        seconds = perf.child_whole_ort(target, 50, threads)["per_image_s"] * perf.BATCH
-    return 1e3 * seconds / perf.BATCH
-
-
-def _measure(target: str, threads: int) -> float:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run([sys.executable, __file__, "--child", target, str(threads)], env=env,
-                          capture_output=True, text=True, check=True)
-    return float(proc.stdout.strip().splitlines()[-1])
+        r = run_child({"bundle": target, "threads": threads, "steps": STEPS, "images": perf.BATCH})
+        return 1e3 / r["batched_images_per_s"]
+    return 1e3 * perf.spawn("whole_ort", target, STEPS, threads)["per_image_s"]
 
 
 def main() -> None:
@@ -54,7 +44,7 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {(t, n): [] for t in targets for n in args.threads}
     for _ in range(args.rounds):
         for key in times:
-            times[key].append(_measure(*key))
+            times[key].append(_ms_per_image(*key))
     out = []
     for (target, threads), ms in times.items():
         median = statistics.median(ms)
@@ -65,7 +55,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        print(_child(sys.argv[2], int(sys.argv[3])))
-    else:
-        main()
+    main()
