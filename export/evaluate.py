@@ -329,14 +329,14 @@ def _open_bundle(path: Path, log: Log) -> _Source:
 
 def _onnx_round_trip(gen: Generator) -> Callable[[np.ndarray], np.ndarray]:
     """Images through the bundle's encoder and (int8) decoder, the sessions the runtime runs."""
-    from rissole_edge.images import to_uint8
+    from rissole_edge.images import from_uint8, to_uint8
 
     encoder = gen.encoder_session()
 
     def reconstruct(images: np.ndarray) -> np.ndarray:
         parts = []
         for part in _batches(len(images), GENERATE_CHUNK):
-            x = images[part].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+            x = from_uint8(images[part])
             latent = encoder.run(["latent"], {"image": x})[0]
             parts.append(to_uint8(gen.decoder.run(["image"], {"latent": latent * gen.spec.latent_scale})[0]))
         return np.concatenate(parts)

@@ -15,6 +15,7 @@ import onnxruntime as ort
 from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import DataError, UsageError
+from rissole_edge.images import from_uint8
 from rissole_edge.retrieval import keys_of, project
 
 from . import data, database, pack
@@ -27,7 +28,7 @@ def _encode(encoder: bytes, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     sess = ort.InferenceSession(encoder, providers=["CPUExecutionProvider"])
     latents, codes = [], []
     for i in range(0, len(pixels), 256):
-        x = pixels[i:i + 256].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+        x = from_uint8(pixels[i:i + 256])
         z, c = sess.run(["latent", "codes"], {"image": x})
         latents.append(z)
         codes.append(c)

@@ -22,7 +22,7 @@ from PIL import Image
 from . import blocks, budget, rng, sampler
 from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
-from .images import fit, to_pil, to_uint8
+from .images import fit, from_uint8, to_pil, to_uint8
 from .onnx_guard import check_self_contained
 from .retrieval import Database
 from .schedule import alphas_cumprod
@@ -237,7 +237,7 @@ class Generator:
                          self.bundle.manifest["image"].get("background", "#ffffff"))
         except (ValueError, TypeError, OverflowError):
             raise BundleError("bundle manifest field image.background is not a colour") from None
-        x = pixels.astype(np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+        x = from_uint8(pixels[None])
         latent, codes = _run(encoder, "encoder", ["latent", "codes"], {"image": x})
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own

@@ -29,6 +29,11 @@ def fit(im: Image.Image, size: int, channels: int, background: str) -> np.ndarra
     return arr[..., None] if channels == 1 else arr
 
 
+def from_uint8(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, C) -> encoder input (N, C, H, W) in [-1, 1]: the inverse of to_uint8."""
+    return pixels.astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Decoder output (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
     return np.clip(np.round((x + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
