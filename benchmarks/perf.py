@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plots import plot as _plot   # matplotlib, imported only when plotting
+
 RESULTS = Path(__file__).parent / "results"
 BATCH = 8            # images per timed generation call for every contender
 
@@ -203,39 +205,6 @@ def spawn(name: str, target: str, steps: int, threads: int) -> dict:
 
 
 # ------------------------------------------------------------------ the run
-
-def _plot(path: Path, title: str, xs: list, series: dict[str, list], xlabel: str, ylabel: str) -> None:
-    """A small line chart with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-    w, h, pad = 640, 400, 60
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    values = [v for vs in series.values() for v in vs if v is not None]
-    lo, hi = 0.0, max(values) * 1.1 if values else 1.0
-    xlo, xhi = min(xs), max(xs)
-
-    def at(x, y):
-        return (pad + (x - xlo) / max(xhi - xlo, 1e-9) * (w - 2 * pad), h - pad - (y - lo) / (hi - lo) * (h - 2 * pad))
-    d.line([at(xlo, lo), at(xhi, lo)], fill="black")
-    d.line([at(xlo, lo), at(xlo, hi)], fill="black")
-    d.text((pad, 15), title, fill="black")
-    d.text((w // 2 - 40, h - 25), xlabel, fill="black")
-    d.text((5, pad - 30), ylabel, fill="black")
-    for x in xs:
-        d.text((at(x, lo)[0] - 10, h - pad + 5), f"{x:g}", fill="black")
-    for i in range(5):
-        y = lo + (hi - lo) * i / 4
-        d.text((5, at(xlo, y)[1] - 6), f"{y:.3g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    for k, (name, vs) in enumerate(series.items()):
-        pts = [at(x, v) for x, v in zip(xs, vs) if v is not None]
-        if len(pts) > 1:
-            d.line(pts, fill=colours[k % 4], width=2)
-        for p in pts:
-            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=colours[k % 4])
-        d.text((w - pad - 150, pad + 15 * k), name, fill=colours[k % 4])
-    im.save(path)
-
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
