@@ -21,6 +21,7 @@ import torch
 from rissole_edge import blocks
 from rissole_edge.retrieval import keys_of, project   # the runtime computes query keys the same way
 
+from . import pack
 from .autoencoder import VQAutoencoder
 from .config import DatabaseConfig
 
@@ -100,6 +101,62 @@ def choose_ef(index: hnswlib.Index, keys: np.ndarray, query_ids: np.ndarray, k: 
     return best
 
 
+@dataclass
+class Retrieval:
+    """A database's search side: its keys reduced by PCA, the HNSW index over them, and the
+    smallest ef that reaches the target recall on a seeded sample of its own keys."""
+    mean: np.ndarray            # PCA mean (key_size,); zeros when keys are not reduced
+    components: np.ndarray      # PCA rows (key_dim, key_size); the identity when not reduced
+    keys: np.ndarray            # (N, key_dim) what the index holds
+    index: hnswlib.Index
+    ef: int
+    recall: float
+    recall_k: int
+    query_ids: np.ndarray       # the keys recall was measured on
+    build_s: float              # wall time of the index construction alone
+
+    def index_bytes(self) -> bytes:
+        return index_bytes(self.index)
+
+
+def build_retrieval(full_keys: np.ndarray, cfg: DatabaseConfig, seed: int) -> Retrieval:
+    """PCA -> HNSW index -> ef, in one place for every database: training's, a subset kept by
+    `export --db-limit`, and `build-db`'s. Each is fitted on its own images' keys. key_dim 0,
+    or one at least the key size, keeps the keys whole."""
+    if cfg.key_dim and cfg.key_dim < full_keys.shape[1]:
+        mean, components = fit_pca(full_keys, cfg.key_dim, seed)
+        keys = project(full_keys, mean, components)
+    else:
+        mean = np.zeros(full_keys.shape[1], np.float32)
+        components = np.eye(full_keys.shape[1], dtype=np.float32)
+        keys = np.ascontiguousarray(full_keys, dtype=np.float32)
+    started = time.perf_counter()
+    index = build_index(keys, cfg.hnsw_m, cfg.ef_construction, seed)
+    build_s = time.perf_counter() - started
+    query_ids = np.random.default_rng(seed).permutation(len(keys))[:min(1000, len(keys))]
+    recall_k = min(len(keys), cfg.window + 1)
+    ef, rec = choose_ef(index, keys, query_ids, recall_k, cfg.target_recall)
+    index.set_ef(ef)
+    return Retrieval(mean, components, keys, index, ef, rec, recall_k, query_ids, build_s)
+
+
+def bundle_members(r: Retrieval, codes: np.ndarray, labels: np.ndarray | None) -> dict[str, bytes]:
+    """A database as bundle members (codes (N, P, s, s) per block position, labels or None)."""
+    members = {"codes.npy": pack.npy(codes), "index.bin": r.index_bytes(),
+               "pca_mean.npy": pack.npy(r.mean), "pca_components.npy": pack.npy(r.components)}
+    if labels is not None:
+        members["labels.npy"] = pack.npy(labels.astype(np.int64))
+    return members
+
+
+def manifest_fields(r: Retrieval, cfg: DatabaseConfig) -> dict:
+    """What `retrieval` in a manifest says about this database: its size and search settings,
+    including the build settings that `build-db` reuses for a new database."""
+    return {"images": int(len(r.keys)), "key": cfg.key, "key_dim": int(r.keys.shape[1]), "hnsw_m": cfg.hnsw_m,
+            "ef_construction": cfg.ef_construction, "target_recall": cfg.target_recall,
+            "ef": int(r.ef), "recall": float(r.recall)}
+
+
 def duplicate_groups(codes: np.ndarray) -> np.ndarray:
     """A group id per image; images with identical latents share one. Exact pixel duplicates
     always have identical latents, so this catches them too."""
@@ -167,40 +224,26 @@ def build(ae: VQAutoencoder, train: np.ndarray, labels: np.ndarray | None, cfg: 
     latents = code_latents(codebook, codes)                       # (N, D, h, w)
     if cfg.key != "latent" and int(cfg.key.split(":")[1]) >= blocks_per_side ** 2:
         raise ValueError(f"database.key {cfg.key} names a block beyond the {blocks_per_side ** 2} blocks")
-    full_keys = keys_of(latents, cfg.key, blocks_per_side)
-    if cfg.key_dim and cfg.key_dim < full_keys.shape[1]:
-        mean, components = fit_pca(full_keys, cfg.key_dim, seed)
-        keys = project(full_keys, mean, components)
-    else:
-        mean = np.zeros(full_keys.shape[1], np.float32)
-        components = np.eye(full_keys.shape[1], dtype=np.float32)
-        keys = full_keys
+    r = build_retrieval(keys_of(latents, cfg.key, blocks_per_side), cfg, seed)
     started = time.perf_counter()
-    index = build_index(keys, cfg.hnsw_m, cfg.ef_construction, seed)
-    build_s = time.perf_counter() - started
-    query_ids = np.random.default_rng(seed).permutation(len(keys))[:min(1000, len(keys))]
-    k_query = min(len(keys), cfg.window + 1)
-    ef, rec = choose_ef(index, keys, query_ids, k_query, cfg.target_recall)
-    index.set_ef(ef)
-    started = time.perf_counter()
-    index.knn_query(keys[query_ids], k=k_query, num_threads=1)
-    query_us = (time.perf_counter() - started) / len(query_ids) * 1e6
+    r.index.knn_query(r.keys[r.query_ids], k=r.recall_k, num_threads=1)
+    query_us = (time.perf_counter() - started) / len(r.query_ids) * 1e6
     groups = duplicate_groups(codes)
-    neighbours = neighbour_lists(index, keys, groups, cfg.window, threads)
+    neighbours = neighbour_lists(r.index, r.keys, groups, cfg.window, threads)
 
     np.save(out / "codes.npy", blocks.split(codes[:, None], blocks_per_side)[:, :, 0])
-    np.save(out / "keys.npy", keys)
-    np.savez(out / "pca.npz", mean=mean, components=components)
+    np.save(out / "keys.npy", r.keys)
+    np.savez(out / "pca.npz", mean=r.mean, components=r.components)
     np.save(out / "neighbours.npy", neighbours)
     if labels is not None:
         np.save(out / "labels.npy", labels)
-    index.save_index(str(out / "index.bin"))
+    r.index.save_index(str(out / "index.bin"))
     meta = {
         "images": len(codes), "latent_channels": int(latents.shape[1]), "latent_side": int(latents.shape[2]),
         "blocks_per_side": blocks_per_side, "latent_scale": float(1.0 / latents.std()),
-        "key": cfg.key, "key_dim": int(keys.shape[1]), "hnsw_m": cfg.hnsw_m,
-        "ef_construction": cfg.ef_construction, "ef": ef, "recall_k": k_query, "recall": rec,
-        "query_us": query_us, "build_s": build_s, "window": cfg.window,
+        "key": cfg.key, "key_dim": int(r.keys.shape[1]), "hnsw_m": cfg.hnsw_m,
+        "ef_construction": cfg.ef_construction, "ef": r.ef, "recall_k": r.recall_k, "recall": r.recall,
+        "query_us": query_us, "build_s": r.build_s, "window": cfg.window,
         "duplicates": int(len(groups) - len(np.unique(groups))), "dataset": dataset or {},
         "index_bytes": (out / "index.bin").stat().st_size,
         "key_study": [vars(s) for s in study_keys(latents, labels, blocks_per_side, k,

@@ -23,6 +23,7 @@ from rissole_edge.bench import median_seconds
 from rissole_edge.bundle import MAX_GUIDANCE, Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
+from rissole_edge.retrieval import keys_of
 
 from . import config, database, onnx_export, pack, quantize
 from .layers import count_parameters
@@ -64,32 +65,19 @@ def _subset(m: RunModels, limit: int | None, seed: int) -> np.ndarray:
 
 
 def _database_members(run: Path, m: RunModels, ids: np.ndarray) -> tuple[dict[str, bytes], dict]:
-    folder = run / "database"
-    keys = np.load(folder / "keys.npy", allow_pickle=False)[ids]
-    meta = m.db.meta
-    ef, recall = meta["ef"], meta["recall"]
-    if len(ids) < len(m.db.codes):
-        index = database.build_index(keys, m.cfg.database.hnsw_m, m.cfg.database.ef_construction, m.cfg.seed)
-        queries = np.arange(min(1000, len(keys)))
-        ef, recall = database.choose_ef(index, keys, queries, meta["recall_k"], m.cfg.database.target_recall)
-        index_bytes = database.index_bytes(index)
-    else:
-        index_bytes = (folder / "index.bin").read_bytes()
-    pca = np.load(folder / "pca.npz", allow_pickle=False)
+    """The kept images' database, its PCA, index and ef built afresh by the one function every
+    database goes through (for all images, this reproduces the run's own)."""
+    meta, bps = m.db.meta, m.db.meta["blocks_per_side"]
     codes = m.db.codes[ids]
+    codebook = m.ae.codebook.embedding.detach().numpy().astype(np.float32)
+    latents = database.code_latents(codebook, blocks.join(codes[:, :, None], bps)[:, 0])
+    r = database.build_retrieval(keys_of(latents, meta["key"], bps), m.cfg.database, m.cfg.seed)
     if m.cfg.denoiser.kind == "whole":     # one block: the whole latent
-        codes = blocks.join(codes[:, :, None], meta["blocks_per_side"])
-    members = {
-        "codebook.npy": pack.npy(m.ae.codebook.embedding.detach().numpy().astype(np.float32)),
-        "codes.npy": pack.npy(codes),
-        "index.bin": index_bytes,
-        "pca_mean.npy": pack.npy(pca["mean"]),
-        "pca_components.npy": pack.npy(pca["components"]),
-    }
-    labels_path = folder / "labels.npy"
-    if labels_path.exists():
-        members["labels.npy"] = pack.npy(np.load(labels_path, allow_pickle=False)[ids].astype(np.int64))
-    return members, {"ef": ef, "recall": recall, "images": int(len(ids))}
+        codes = blocks.join(codes[:, :, None], bps)
+    labels_path = run / "database" / "labels.npy"
+    labels = np.load(labels_path, allow_pickle=False)[ids] if labels_path.exists() else None
+    members = {"codebook.npy": pack.npy(codebook), **database.bundle_members(r, codes, labels)}
+    return members, database.manifest_fields(r, m.cfg.database)
 
 
 def _max_error(session_bytes: bytes, feeds: dict, expected: list[np.ndarray]) -> float:
@@ -160,8 +148,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
                    "codebook_size": cfg.autoencoder.codebook_size},
         "blocks": {"per_side": cfg.denoiser.blocks_per_side if cfg.denoiser.kind != "whole" else 1,
                    "side": m.net.block_size},
-        "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, "key": meta["key"],
-                      "key_dim": meta["key_dim"], "hnsw_m": cfg.database.hnsw_m, **db_meta},
+        "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, **db_meta},
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},

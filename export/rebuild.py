@@ -16,10 +16,10 @@ from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import DataError, UsageError
 from rissole_edge.images import from_uint8
-from rissole_edge.retrieval import keys_of, project
+from rissole_edge.retrieval import keys_of
 
 from . import data, database, pack
-from .config import DataConfig
+from .config import DatabaseConfig, DataConfig
 
 SEED = 0
 
@@ -53,27 +53,19 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
         raise DataError(f"{len(images.train)} images are too few for a database: need at least {spec.window + 2}")
     log(f"encoding {len(images.train)} images with the bundle's encoder")
     latents, codes = _encode(source.read("encoder.onnx"), images.train)
-    full = keys_of(latents, spec.key, spec.blocks_per_side)
-    if spec.key_dim < full.shape[1]:
-        mean, components = database.fit_pca(full, spec.key_dim, SEED)
-        keys = project(full, mean, components)
-    else:
-        mean, components, keys = np.zeros(full.shape[1], np.float32), np.eye(full.shape[1], dtype=np.float32), full
-    index = database.build_index(keys, m["retrieval"].get("hnsw_m", 16), 200, SEED)
-    queries = np.arange(min(1000, len(keys)))
-    ef, recall = database.choose_ef(index, keys, queries, min(len(keys), spec.window + 1), 0.95)
-    index_bytes = database.index_bytes(index)
+    r = m["retrieval"]
+    defaults = DatabaseConfig()
+    db_cfg = DatabaseConfig(key=spec.key, key_dim=spec.key_dim, window=spec.window,
+                            hnsw_m=r.get("hnsw_m", defaults.hnsw_m),
+                            ef_construction=r.get("ef_construction", defaults.ef_construction),
+                            target_recall=r.get("target_recall", defaults.target_recall))
+    retrieval = database.build_retrieval(keys_of(latents, spec.key, spec.blocks_per_side), db_cfg, SEED)
     dtype = np.uint8 if spec.codebook_size <= 256 else np.uint16
+    codes = blocks.split(codes[:, None].astype(dtype), spec.blocks_per_side)[:, :, 0]
     members = {name: source.read(name) for name in ("denoiser.onnx", "decoder.onnx", "encoder.onnx", "codebook.npy")}
-    members.update({
-        "codes.npy": pack.npy(blocks.split(codes[:, None].astype(dtype), spec.blocks_per_side)[:, :, 0]),
-        "index.bin": index_bytes,
-        "pca_mean.npy": pack.npy(mean), "pca_components.npy": pack.npy(components),
-    })
-    if images.train_labels is not None:
-        members["labels.npy"] = pack.npy(images.train_labels.astype(np.int64))
+    members.update(database.bundle_members(retrieval, codes, images.train_labels))
     manifest = {k: v for k, v in m.items() if k not in ("members", "format_version")}
-    manifest["retrieval"] = {**m["retrieval"], "images": len(keys), "ef": ef, "recall": recall}
+    manifest["retrieval"] = {**r, **database.manifest_fields(retrieval, db_cfg)}
     manifest["dataset"] = {"name": images.name, "licence": images.licence, "attribution": images.attribution,
                            "labels": images.class_names, "rebuilt_from": m.get("dataset", {}).get("name")}
     pack.write(Path(out), manifest, members, signing_key)
