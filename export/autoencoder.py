@@ -122,6 +122,10 @@ class VQAutoencoder(nn.Module):
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
         return self.codebook.nearest(self.encoder(x))
 
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the exported encoder computes: (latent snapped to codes, unscaled; code indices)."""
+        return self.codebook(self.encoder(x))
+
     def decode_latent(self, z: torch.Tensor) -> torch.Tensor:
         """Decode a continuous latent (e.g. from the denoiser) after snapping it to the codebook."""
         return self.decoder(self.codebook.lookup(self.codebook.nearest(z)))

@@ -19,11 +19,11 @@ import torch
 
 import rissole_edge
 from rissole_edge import blocks
-from rissole_edge.bench import median_seconds
 from rissole_edge.bundle import MAX_GUIDANCE, Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 from rissole_edge.retrieval import keys_of
+from rissole_edge.timing import median_seconds
 
 from . import config, database, onnx_export, pack, quantize
 from .layers import count_parameters
@@ -133,7 +133,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     parity["decoder_fp32_max_abs_error"] = _max_error(
         nets["decoder.onnx"], latent_feeds[0], [m.ae.decode_latent(z / m.scale).clamp(-1, 1).numpy()])
     images = m.ae.decode_latent(z / m.scale).clamp(-1, 1)        # realistic encoder inputs
-    enc = onnx_export._Encoder(m.ae)(images)
+    enc = m.ae.encode(images)
     parity["encoder_fp32_max_abs_error"] = _max_error(nets["encoder.onnx"], {"image": images.numpy()},
                                                       [enc[0].numpy(), enc[1].numpy()])
 

@@ -46,8 +46,7 @@ class _Encoder(nn.Module):
         self.ae = ae
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = self.ae.codebook.nearest(self.ae.encoder(image))
-        return self.ae.codebook.lookup(codes), codes
+        return self.ae.encode(image)
 
 
 def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> bytes:

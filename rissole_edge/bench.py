@@ -18,6 +18,7 @@ from pathlib import Path
 START = time.perf_counter()
 
 from . import budget  # noqa: E402  (START must be taken before the heavy imports)
+from .timing import median_seconds  # noqa: E402
 
 
 def _child(cfg: dict) -> dict:
@@ -56,20 +57,6 @@ def _child(cfg: dict) -> dict:
     gen.close()
     out["peak_rss_mb"] = budget.rss()[1] / 2 ** 20
     return out
-
-
-def median_seconds(call, repeats: int, warmup: int = 3) -> float:
-    """Median wall time of `call()` after a warm-up: robust to a noisy, shared machine."""
-    import numpy as np
-
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def run_child(cfg: dict, timeout: float = 600) -> dict:
