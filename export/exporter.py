@@ -25,7 +25,7 @@ from rissole_edge.generator import Generator
 from rissole_edge.retrieval import keys_of
 from rissole_edge.timing import median_seconds
 
-from . import config, database, onnx_export, pack, quantize
+from . import config, database, graph, onnx_export, pack, quantize
 from .layers import count_parameters
 from .sampling import RunModels, generate
 from .train import STAGES, stage_complete
@@ -167,6 +167,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     if mode == "int8":
         log(f"quantizing to int8 for {target} on {len(feeds)} denoiser and {len(latent_feeds)} decoder batches")
         final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target, keep_edges=True)
+        final["denoiser.onnx"], manifest["graph"] = graph.optimize(final["denoiser.onnx"])   # bit-identical
         final["decoder.onnx"], _ = quantize.quantize(nets["decoder.onnx"], latent_feeds, target)
         quant_info = {"mode": "int8", **{k: v for k, v in info.items() if k != "fp32_nodes"},
                       "denoiser_fp32_nodes": info["fp32_nodes"], "models": ["denoiser.onnx", "decoder.onnx"],

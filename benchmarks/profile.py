@@ -1,0 +1,171 @@
+"""Where one denoiser call spends its time, before and after each graph rewrite.
+
+    python benchmarks/profile.py [--bundle models/fashion-mnist.rissole ...] [--blocks 256]
+                                 [--rounds 15] [--markdown benchmarks/results/profile.md]
+
+For each bundle's denoiser: the graph as shipped, each rewrite of export/graph.py on its own,
+and all of the default rewrites together. Each variant gets onnxruntime's profiler (one
+intra-op thread, calls of --blocks blocks) for its per-op-type share of kernel time, and a
+call time measured without the profiler, the variants interleaved round by round so that the
+ratios share the machine's load. Prints JSON; --markdown also writes the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from rissole_edge.bundle import Bundle, Spec
+from rissole_export import graph
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+PROFILED_CALLS = 5
+
+
+def _feeds(spec: Spec, blocks: int, names: set[str]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    c, s = spec.latent_channels, spec.block_side
+    feeds = {"x": rng.standard_normal((blocks, c, s, s)).astype(np.float32),
+             "t": rng.uniform(0, spec.timesteps - 1, blocks).astype(np.float32),
+             "pos": rng.integers(0, spec.positions, blocks).astype(np.int64),
+             "cond": rng.standard_normal((blocks, spec.k * c, s, s)).astype(np.float32)}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def _session(model: bytes, profile_dir: str | None = None) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if profile_dir:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(profile_dir, "profile")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def _kind(event: dict) -> str:
+    """The op type a kernel ran as; the GroupNorm affine Mul/Add are named apart (the issue's
+    suspect), as are the Gemm the conv rewrite makes."""
+    op = event["args"]["op_name"]
+    if op in ("Mul", "Add") and "/norm" in event["name"]:
+        return f"{op} (GroupNorm gamma/beta)"
+    return op
+
+
+def op_shares(model: bytes, feeds: dict) -> dict:
+    """Per-op-type share of kernel time over PROFILED_CALLS calls, and the kernels' share of
+    the whole call (the rest is the executor between kernels)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sess = _session(model, tmp)
+        sess.run(None, feeds)                       # warm-up, dropped below
+        for _ in range(PROFILED_CALLS):
+            sess.run(None, feeds)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"][1:]
+    first = runs[0]["ts"]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first]
+    by_kind: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for e in kernels:
+        by_kind[_kind(e)] += e["dur"]
+        counts[_kind(e)] += 1
+    total = sum(by_kind.values())
+    call = sum(r["dur"] for r in runs)
+    return {"kernel_share_of_call": total / call, "kernels_per_call": len(kernels) // len(runs),
+            "ops": {k: {"share": v / total, "kernels_per_call": counts[k] // len(runs)}
+                    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
+
+
+def call_times(models: dict[str, bytes], feeds: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each variant, interleaved round by round."""
+    sessions = {k: _session(m) for k, m in models.items()}
+    for s in sessions.values():
+        s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def profile_bundle(path: Path, blocks: int, rounds: int) -> dict:
+    bundle = Bundle.open(path)
+    spec = Spec.from_manifest(bundle.manifest)
+    shipped = bundle.read("denoiser.onnx")
+    shapes = graph.value_shapes(shipped)
+    variants = {"as shipped": shipped}
+    variants.update({name: graph.REWRITES[name](shipped, shapes) for name in graph.DEFAULT_REWRITES})
+    variants["all default rewrites"] = graph.rewrite(shipped)
+    feeds = _feeds(spec, blocks, {i.name for i in _session(shipped).get_inputs()})
+    reference = _session(shipped).run(None, feeds)[0]
+    times = call_times(variants, feeds, rounds)
+    out = {}
+    for name, model in variants.items():
+        same = np.array_equal(reference, _session(model).run(None, feeds)[0])
+        out[name] = {"call_ms": times[name] * 1e3, "ratio_to_shipped": times[name] / times["as shipped"],
+                     "bit_identical": bool(same), "onnx_bytes": len(model), **op_shares(model, feeds)}
+    return {"bundle": str(path), "rewrites_already_applied": bundle.manifest.get("graph_rewrites", []),
+            "blocks_per_call": blocks, "macs_per_block": sum(graph.node_macs(shipped, shapes).values()),
+            "variants": out}
+
+
+def markdown(results: list[dict], command: str) -> str:
+    lines = ["# Where a denoiser call spends its time", "",
+             f"Made by `{command}` (prints JSON); one intra-op thread, calls of "
+             f"{results[0]['blocks_per_call']} blocks; call times are medians of interleaved rounds on a "
+             "shared 2-core machine (other work was running: compare the ratios, not the milliseconds). "
+             "Shares are of onnxruntime's profiled kernel time; `kernels` is the kernels' share of the whole "
+             "call. Every rewrite is bit-identical (checked here and in tests/test_graph.py).", ""]
+    for r in results:
+        lines += [f"## {Path(r['bundle']).name}", "",
+                  f"{r['macs_per_block'] / 1e6:.2f} M MACs per block per call.", "",
+                  "| variant | call ms | ratio | bit-identical | ONNX bytes | kernels |", "|---|---|---|---|---|---|"]
+        for name, v in r["variants"].items():
+            lines.append(f"| {name} | {v['call_ms']:.1f} | {v['ratio_to_shipped']:.2f} | {v['bit_identical']} | "
+                         f"{v['onnx_bytes']:,} | {v['kernel_share_of_call']:.0%} |")
+        kinds = list(dict.fromkeys(k for v in r["variants"].values() for k in v["ops"]))
+        names = list(r["variants"])
+        lines += ["", "Share of kernel time by op type (kernels per call in brackets):", "",
+                  "| op | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for kind in kinds:
+            cells = []
+            for name in names:
+                op = r["variants"][name]["ops"].get(kind)
+                cells.append(f"{op['share']:.1%} ({op['kernels_per_call']})" if op else "-")
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, action="append",
+                        help="default: the shipped fashion-mnist and twemoji bundles")
+    parser.add_argument("--blocks", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--markdown", type=Path, help="also write the tables here")
+    args = parser.parse_args()
+    bundles = args.bundle or [MODELS / "fashion-mnist.rissole", MODELS / "twemoji.rissole"]
+    results = [profile_bundle(b, args.blocks, args.rounds) for b in bundles]
+    print(json.dumps(results, indent=1))
+    if args.markdown:
+        command = "python benchmarks/profile.py " + " ".join(sys.argv[1:])
+        tmp = args.markdown.with_name(args.markdown.name + ".partial")
+        tmp.write_text(markdown(results, command))
+        tmp.replace(args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
