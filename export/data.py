@@ -18,6 +18,7 @@ from PIL import Image, ImageColor, UnidentifiedImageError
 from rissole_edge.errors import DataError
 from rissole_edge.images import fit
 
+from . import emoji_groups
 from .config import DataConfig
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -37,6 +38,9 @@ class ImageSet:
     class_names: list[str]
     licence: str
     attribution: str
+    # Test images the source knows to be variants of a training image (for Twemoji: the same
+    # emoji in another skin tone); evaluation does not count them as unseen. None: not known.
+    test_variants: np.ndarray | None = None
 
 
 def load(source: str, cfg: DataConfig) -> ImageSet:
@@ -120,10 +124,14 @@ def _twemoji(cfg: DataConfig) -> ImageSet:
     size, channels = _geometry("twemoji", cfg)
     pixels = np.stack([_read_image(p, size, channels, cfg.background) for p in paths])
     test = np.array([_is_test(p.name, cfg.test_percent) for p in paths])
+    labels = np.array([emoji_groups.GROUPS.index(emoji_groups.group_of(p.name)) for p in paths], np.int64)
+    bases = [emoji_groups.base(p.name) for p in paths]
+    train_bases = {b for b, t in zip(bases, test) if not t}
     return ImageSet(
-        name="twemoji", train=pixels[~test], test=pixels[test], train_labels=None,
-        test_labels=None, class_names=[], licence="CC-BY-4.0",
+        name="twemoji", train=pixels[~test], test=pixels[test], train_labels=labels[~test],
+        test_labels=labels[test], class_names=list(emoji_groups.GROUPS), licence="CC-BY-4.0",
         attribution="Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0",
+        test_variants=np.array([b in train_bases for b, t in zip(bases, test) if t], bool),
     )
 
 

@@ -11,13 +11,20 @@ metric here answers one of them:
   neighbouring rows/columns inside blocks. Real images give about 1.0; incoherent blocks more.
   Its control is the ratio of the reference images passed through the target's own
   autoencoder: what a generator with perfect blocks could reach through that decoder.
-- Copying: the share of generated images closer to a training image than almost every held-out
-  test image is (below the 1st percentile of the test images' nearest-train distances).
+- Copying: the share of generated images at most as far from some training image as that
+  image's own round trip through the target's autoencoder lands (the distance of a perfect
+  copy, as the decoder can draw one), beside the same share for held-out test images that are
+  not duplicates of training images (exact or near pixel duplicates, and variants the data
+  source knows of, such as an emoji in another skin tone): real unseen images set the level.
+- Block agreement: whether an image's blocks show one picture. For each block position, the
+  training images nearest in that block's pixels; an image agrees when one training image is
+  among them at every position. Beside the same share for held-out test images and for their
+  autoencoder round trips, the controls a generator is judged against.
 - Control: for labelled data, the share of images generated for a label that a classifier
   trained on the train split assigns to that label.
 
-The metric functions (frechet_distance, kid, seam_ratio, nearest_distances, copying_score)
-are pure numpy, so they can be tested on made-up data.
+The metric functions (frechet_distance, kid, seam_ratio, nearest_distances, copy_margins,
+block_agreement) are pure numpy, so they can be tested on made-up data.
 """
 
 from __future__ import annotations
@@ -57,8 +64,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 KID_SUBSETS = 10
 KID_SUBSET_SIZE = 1000
-COPY_TEST_IMAGES = 2000       # held-out images whose nearest-train distances set the threshold
-COPY_PERCENTILE = 1.0
+COPY_TEST_IMAGES = 2000       # held-out images drawn for the copying and block-agreement controls
+DUPLICATE_RMS = 2.0           # grey levels: a test image this near a training image is the same picture
+AGREEMENT_NEIGHBOURS = 10     # training images nearest to each block in the block-agreement measure
 LABEL_IMAGES = 100            # most images generated per label
 CLASSIFIER_EPOCHS = 8
 CLASSIFIER_MIN_STEPS = 100
@@ -166,37 +174,84 @@ def _flat(images: np.ndarray) -> np.ndarray:
     return np.asarray(images, np.float32).reshape(len(images), -1)
 
 
-def nearest_distances(queries: np.ndarray, train: np.ndarray, query_chunk: int = 256,
-                      train_chunk: int = 8192) -> np.ndarray:
-    """L2 distance from each query to its nearest train item (both flattened to vectors), in
-    the units of the inputs. float32 matrix products, chunked on both sides so that memory
-    stays small for any data size; both sets are centred on the train mean first, which keeps
-    the |q|^2 + |t|^2 - 2 q.t expansion accurate for near-duplicates."""
+def _squared_distances(queries: np.ndarray, train: np.ndarray, query_chunk: int,
+                       train_chunk: int) -> Iterator[tuple[slice, slice, np.ndarray]]:
+    """(query slice, train slice, squared L2 distances) over all pairs, both sets flattened to
+    vectors. float32 matrix products, chunked on both sides so that memory stays small for any
+    data size; both sets are centred on the train mean first, which keeps the
+    |q|^2 + |t|^2 - 2 q.t expansion accurate for near-duplicates."""
     train_flat = _flat(train)
     centre = train_flat.mean(0, dtype=np.float64).astype(np.float32)
     q_all = _flat(queries) - centre
-    best = np.full(len(q_all), np.inf, np.float32)
-    t_norms = []
+    t_parts = []
     for t0 in range(0, len(train_flat), train_chunk):
         t = train_flat[t0:t0 + train_chunk] - centre
-        t_norms.append((t, np.einsum("ij,ij->i", t, t)))
+        t_parts.append((slice(t0, t0 + len(t)), t, np.einsum("ij,ij->i", t, t)))
     for q0 in range(0, len(q_all), query_chunk):
         q = q_all[q0:q0 + query_chunk]
         q_norm = np.einsum("ij,ij->i", q, q)
-        for t, t_norm in t_norms:
+        for t_slice, t, t_norm in t_parts:
             d2 = q_norm[:, None] + t_norm[None, :] - 2 * (q @ t.T)
-            best[q0:q0 + len(q)] = np.minimum(best[q0:q0 + len(q)], d2.min(1))
-    return np.sqrt(np.clip(best, 0, None)).astype(np.float64)
+            yield slice(q0, q0 + len(q)), t_slice, np.clip(d2, 0, None)
 
 
-def copying_score(generated: np.ndarray, test: np.ndarray,
-                  percentile: float = COPY_PERCENTILE) -> tuple[float, float]:
-    """(share of generated images below the threshold, threshold), from nearest-train
-    distances. The threshold is the `percentile` of the held-out test images' distances: a
-    real unseen image is that close to the train set only 1% of the time, so a generated
-    image that close is most likely a copy."""
-    threshold = float(np.percentile(np.asarray(test, np.float64), percentile))
-    return float(np.mean(np.asarray(generated) < threshold)), threshold
+def nearest_distances(queries: np.ndarray, train: np.ndarray, query_chunk: int = 256,
+                      train_chunk: int = 8192) -> np.ndarray:
+    """L2 distance from each query to its nearest train item, in the units of the inputs."""
+    best = np.full(len(queries), np.inf, np.float32)
+    for q, _, d2 in _squared_distances(queries, train, query_chunk, train_chunk):
+        best[q] = np.minimum(best[q], d2.min(1))
+    return np.sqrt(best).astype(np.float64)
+
+
+def copy_margins(queries: np.ndarray, train: np.ndarray, radii: np.ndarray, query_chunk: int = 256,
+                 train_chunk: int = 8192) -> np.ndarray:
+    """min over train items t of |query - t| - radii[t], in the units of the inputs. With
+    radii the distance of each training image from its own autoencoder round trip, a margin
+    <= 0 means the query is as near to some training image as a perfect copy of it can be
+    drawn by that decoder: a copy, whatever the image's complexity (a flat emoji round-trips
+    almost exactly, a detailed one does not, so one global threshold would misjudge both)."""
+    radii = np.asarray(radii, np.float32)
+    best = np.full(len(queries), np.inf, np.float32)
+    for q, t, d2 in _squared_distances(queries, train, query_chunk, train_chunk):
+        best[q] = np.minimum(best[q], (np.sqrt(d2) - radii[t]).min(1))
+    return best.astype(np.float64)
+
+
+def nearest_ids(queries: np.ndarray, train: np.ndarray, k: int, query_chunk: int = 256,
+                train_chunk: int = 8192) -> np.ndarray:
+    """(len(queries), k) ids of the k nearest train items of each query (in no set order)."""
+    k = min(k, len(train))
+    best_d = np.full((len(queries), k), np.inf, np.float32)
+    best_i = np.zeros((len(queries), k), np.int64)
+    for q, t, d2 in _squared_distances(queries, train, query_chunk, train_chunk):
+        d = np.concatenate([best_d[q], d2], 1)
+        ids = np.concatenate([best_i[q], np.broadcast_to(np.arange(t.start, t.stop), d2.shape)], 1)
+        top = np.argpartition(d, k - 1, axis=1)[:, :k]
+        best_d[q], best_i[q] = np.take_along_axis(d, top, 1), np.take_along_axis(ids, top, 1)
+    return best_i
+
+
+def block_agreement(images: np.ndarray, train: np.ndarray, blocks_per_side: int,
+                    k: int = AGREEMENT_NEIGHBOURS) -> float | None:
+    """Share of images whose blocks point at one training image: for each block position the
+    k training images nearest in that block's pixels alone are found, and an image agrees when
+    some training image is among them at every position. A koala whose lower half is a smear,
+    or a taco whose halves come from two tacos, does not. None for one block.
+
+    `images` and `train` are (N, H, W[, C]) in the same units; blocks are the pixel squares at
+    multiples of side / blocks_per_side, as in seam_ratio."""
+    if blocks_per_side <= 1:
+        return None
+    side = images.shape[1]
+    edges = [round(j * side / blocks_per_side) for j in range(blocks_per_side + 1)]
+    found = []
+    for r in range(blocks_per_side):
+        for c in range(blocks_per_side):
+            rows, cols = slice(edges[r], edges[r + 1]), slice(edges[c], edges[c + 1])
+            found.append(nearest_ids(images[:, rows, cols], train[:, rows, cols], k))
+    agree = [bool(set.intersection(*(set(ids[i].tolist()) for ids in found))) for i in range(len(images))]
+    return float(np.mean(agree))
 
 
 # ----------------------------------------------------------------------------- features
@@ -482,27 +537,82 @@ def classify(net: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def _label_accuracy(source: _Source, data: datasets.ImageSet, n: int, seed: int, steps: int,
-                    log: Log) -> tuple[float | None, float | None]:
-    """(share of label-queried images classified as their label, classifier test accuracy),
-    or (None, None) where the data or the target has no labels."""
+                    log: Log) -> tuple[float | None, float | None, dict[str, float] | None]:
+    """(share of label-queried images classified as their label, classifier test accuracy,
+    that share per label), or Nones where the data or the target has no labels."""
     names = [name for name in source.labels if name in data.class_names]
     if source.generate_label is None or data.train_labels is None or not names:
-        return None, None
+        return None, None, None
     net = train_classifier(data.train, data.train_labels, len(data.class_names), seed, log)
     test_acc = (float(np.mean(classify(net, data.test) == data.test_labels))
                 if len(data.test) else None)
     per_label = min(n, LABEL_IMAGES)
-    hits = total = 0
+    hits: dict[str, float] = {}
+    total = correct = 0
     for name in names:
         try:
             images = source.generate_label(name, per_label, seed, steps)
         except RissoleError as e:            # e.g. a label with too few database entries
             log(f"label {name!r} skipped: {e}")
             continue
-        hits += int(np.sum(classify(net, images) == data.class_names.index(name)))
-        total += len(images)
-    log(f"label accuracy on {total} images over {len(names)} labels")
-    return (hits / total if total else None), test_acc
+        right = int(np.sum(classify(net, images) == data.class_names.index(name)))
+        hits[name] = right / len(images)
+        correct, total = correct + right, total + len(images)
+    log(f"label accuracy on {total} images over {len(hits)} labels")
+    return (correct / total if total else None), test_acc, hits
+
+
+# ----------------------------------------------------------------------------- copying, agreement
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 255
+
+
+def _unseen_test(images: datasets.ImageSet, train: np.ndarray, seed: int) -> tuple[np.ndarray, int]:
+    """(held-out test images that are not duplicates of training images, how many of those
+    drawn were dropped). A duplicate is an image the data source knows to be a variant of a
+    training image, or one within DUPLICATE_RMS grey levels (RMS) of a training image: such
+    a test image is no unseen picture, and near a training image for that reason alone."""
+    drawn = _pick(np.arange(len(images.test)), COPY_TEST_IMAGES, seed)
+    test = images.test[drawn]
+    duplicate = nearest_distances(_unit(test), train) <= DUPLICATE_RMS / 255 * math.sqrt(test[0].size)
+    if images.test_variants is not None:
+        duplicate |= images.test_variants[drawn]
+    return test[~duplicate], int(duplicate.sum())
+
+
+def _copying(source: _Source, images: datasets.ImageSet, generated: np.ndarray, seed: int, log: Log) -> dict:
+    """Copying and block agreement, for generated images and for the unseen test images."""
+    train = _unit(images.train)
+    unseen, dropped = _unseen_test(images, train, seed)
+    log(f"copying: {len(unseen)} unseen test images ({dropped} duplicates of training images dropped)")
+    radii = None
+    if source.reconstruct is not None:
+        log(f"copying: {len(train)} training images through the autoencoder")
+        radii = np.concatenate([np.linalg.norm((_unit(source.reconstruct(images.train[part])) - train[part])
+                                               .reshape(part.stop - part.start, -1), axis=1)
+                                for part in _batches(len(train), 4096)])
+
+    def share(x: np.ndarray) -> float | None:
+        return float(np.mean(copy_margins(_unit(x), train, radii) <= 0)) if radii is not None and len(x) else None
+
+    log("block agreement")
+    bps = source.blocks_per_side
+    round_trip = source.reconstruct(unseen) if source.reconstruct is not None and len(unseen) else None
+    d_unseen = nearest_distances(_unit(unseen), train) if len(unseen) else None
+    return {
+        "copying_method": "autoencoder round trip",
+        "copying_score": share(generated),
+        "copying_score_test": share(unseen),
+        "copying_radius_median": float(np.median(radii)) if radii is not None else None,
+        "copying_test_images": len(unseen), "copying_test_duplicates_dropped": dropped,
+        "nearest_train_distance_generated_median": float(np.median(nearest_distances(_unit(generated), train))),
+        "nearest_train_distance_test_median": float(np.median(d_unseen)) if d_unseen is not None else None,
+        "block_agreement_generated": block_agreement(_unit(generated), train, bps),
+        "block_agreement_test": block_agreement(_unit(unseen), train, bps) if len(unseen) else None,
+        "block_agreement_reconstructed": block_agreement(_unit(round_trip), train, bps)
+        if round_trip is not None else None,
+    }
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -555,13 +665,8 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         f_gen, f_ref = features(generated), cached_features(refs)
         feature_s = time.perf_counter() - t0
 
-        log("nearest training images")
-        held_out = _pick(images.test, COPY_TEST_IMAGES, seed)
-        d_gen = nearest_distances(generated.astype(np.float32) / 255, images.train.astype(np.float32) / 255)
-        d_test = nearest_distances(held_out.astype(np.float32) / 255, images.train.astype(np.float32) / 255)
-        copying, threshold = copying_score(d_gen, d_test)
-
-        label_acc, classifier_acc = _label_accuracy(source, images, n, seed, steps, log)
+        copying = _copying(source, images, generated, seed, log)
+        label_acc, classifier_acc, per_label = _label_accuracy(source, images, n, seed, steps, log)
         reconstructed = source.reconstruct(refs) if source.reconstruct is not None else None
     finally:
         source.close()
@@ -576,11 +681,9 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         "seam_ratio_reference": _number(seam_ratio(refs, source.blocks_per_side)),
         "seam_ratio_reconstructed": _number(seam_ratio(reconstructed, source.blocks_per_side))
         if reconstructed is not None else None,
-        "copying_score": copying,
-        "copying_threshold": threshold,
-        "nearest_train_distance_generated_median": float(np.median(d_gen)),
-        "nearest_train_distance_test_median": float(np.median(d_test)),
+        **copying,
         "label_accuracy": _number(label_acc),
+        "label_accuracy_per_label": per_label,
         "classifier_test_accuracy": _number(classifier_acc),
         "feature_seconds_per_1000": feature_s / (len(generated) + len(refs)) * 1000,
         "seconds": time.perf_counter() - started,

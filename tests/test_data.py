@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from rissole_edge.errors import DataError
-from rissole_export import data
+from rissole_export import data, emoji_groups
 from rissole_export.config import DataConfig
 
 from conftest import SAMPLE
@@ -60,7 +60,30 @@ def test_fashion_mnist_official_split_or_install_hint(monkeypatch, tmp_path):
         data.load("fashion-mnist", DataConfig())
 
 
-def test_twemoji_loads_on_white():
+def test_twemoji_loads_on_white_with_emoji_groups_and_known_variants():
     ds = data.load("twemoji", DataConfig(size=16))
     assert ds.train.shape[1:] == (16, 16, 3) and len(ds.train) + len(ds.test) > 3000
     assert ds.train[:, 0, 0].mean() > 200          # corners are transparent -> white background
+    assert ds.class_names == list(emoji_groups.GROUPS) and len(ds.train_labels) == len(ds.train)
+    assert set(np.unique(ds.train_labels)) == set(range(len(emoji_groups.GROUPS)))
+    assert ds.test_variants.shape == (len(ds.test),) and 0 < ds.test_variants.sum() < len(ds.test)
+
+
+@pytest.mark.parametrize("name,group", [
+    ("1f600.png", "smileys-emotion"), ("1f44d-1f3fd.png", "people-body"),      # a skin-tone variant
+    ("1f9d1-1f3fb-200d-1f384.png", "people-body"), ("1f3fb.png", "component"),
+    ("1f1e6.png", "component"), ("1f1eb-1f1f7.png", "flags"), ("1f980.png", "animals-nature"),  # crab (17.0)
+    ("1fadc.png", "food-drink"), ("1f355.png", "food-drink"), ("2764-fe0f.png", "smileys-emotion"), ("267b.png", "symbols"),
+    ("23-20e3.png", "symbols"), ("1f697.png", "travel-places"), ("26bd.png", "activities"),
+    ("1f4f1.png", "objects"), ("1f3f4-e0067-e0062-e0065-e006e-e0067-e007f.png", "flags")])
+def test_twemoji_files_get_their_unicode_emoji_group(name, group):
+    assert emoji_groups.group_of(name) == group
+
+
+def test_skin_tone_variants_share_a_base_and_unknown_names_are_refused():
+    assert emoji_groups.base("1f44d-1f3fd.png") == emoji_groups.base("1f44d.png") == "1f44d"
+    assert emoji_groups.base("1f3fd.png") == "1f3fd"
+    with pytest.raises(ValueError, match="Twemoji file name"):
+        emoji_groups.group_of("not-an-emoji.png")
+    with pytest.raises(ValueError, match="no emoji group"):
+        emoji_groups.group_of("e000.png")

@@ -11,8 +11,8 @@ import rissole_export.evaluate as evaluation
 from rissole_edge.errors import UsageError
 from rissole_export import config
 from rissole_export import data as datasets
-from rissole_export.evaluate import (cached_features, copying_score, evaluate, frechet_distance, kid,
-                                     nearest_distances, seam_ratio)
+from rissole_export.evaluate import (block_agreement, cached_features, copy_margins, evaluate,
+                                     frechet_distance, kid, nearest_distances, seam_ratio)
 
 from conftest import SAMPLE, train_variant
 
@@ -86,16 +86,50 @@ def test_nearest_distances_match_brute_force():
     np.testing.assert_allclose(got, brute, rtol=1e-4)
 
 
-def test_copying_score_is_one_for_copies_and_zero_for_noise():
+def _perturbed(images, norms, seed):
+    """Each image plus noise of exactly the given L2 norm."""
+    noise = np.random.default_rng(seed).standard_normal(images.shape).astype(np.float32)
+    noise /= np.linalg.norm(noise.reshape(len(images), -1), axis=1).reshape(-1, 1, 1)
+    return images + noise * np.asarray(norms, np.float32).reshape(-1, 1, 1)
+
+
+def test_copy_margins_match_brute_force_and_judge_each_image_by_its_own_round_trip():
+    rng = np.random.default_rng(0)
+    train, queries, radii = rng.random((200, 6, 6)), rng.random((40, 6, 6)), rng.random(200)
+    brute = (np.sqrt(((queries.reshape(40, 1, -1) - train.reshape(1, 200, -1)) ** 2).sum(-1)) - radii).min(1)
+    np.testing.assert_allclose(copy_margins(queries, train, radii, query_chunk=16, train_chunk=64), brute,
+                               rtol=1e-4, atol=1e-5)
     train = _smooth_images(300, 16, seed=0)
-    test = _smooth_images(100, 16, seed=1)
-    d_test = nearest_distances(test, train)
-    copies = train[np.random.default_rng(2).permutation(300)[:50]]
-    score, threshold = copying_score(nearest_distances(copies, train), d_test)
-    assert score == 1.0 and threshold > 0.1
-    noise = (np.random.default_rng(3).random((50, 16, 16)) > 0.5).astype(np.float32)
-    score, _ = copying_score(nearest_distances(noise, train), d_test)
-    assert score == 0.0
+    radii = np.where(np.arange(300) % 2 == 0, 0.05, 1.0)        # a round trip near-exact, or not
+    ids = np.arange(0, 40)
+    inside = _perturbed(train[ids], radii[ids] * 0.9, seed=1)     # nearer than the image's own round trip
+    outside = _perturbed(train[ids], radii[ids] * 1.5, seed=2)
+    assert (copy_margins(inside, train, radii) <= 0).all()
+    assert (copy_margins(outside[ids % 2 == 0], train, radii) > 0).all()   # a 0.075 blur of a flat one is no copy
+    unseen = _smooth_images(100, 16, seed=3)
+    assert np.mean(copy_margins(unseen, train, radii) <= 0) < 0.05
+
+
+def test_unseen_test_images_leave_out_duplicates_and_known_variants():
+    train = (_smooth_images(50, 8, seed=0) * 255).astype(np.uint8)[..., None]
+    fresh = (_smooth_images(6, 8, seed=1) * 255).astype(np.uint8)[..., None]
+    near = train[:2].copy()
+    near[:, 0, 0] ^= 1                                                # one grey level off: the same picture
+    test = np.concatenate([fresh, near])
+    variants = np.zeros(len(test), bool)
+    variants[0] = True                                                # the source says: a variant
+    data = datasets.ImageSet("made-up", train, test, None, None, [], "", "", test_variants=variants)
+    unseen, dropped = evaluation._unseen_test(data, train.astype(np.float32) / 255, seed=0)
+    assert dropped == 3 and np.array_equal(unseen, fresh[1:])
+
+
+def test_block_agreement_sees_images_stitched_from_different_images():
+    train = _smooth_images(200, 16, seed=0, cutoff=2)
+    assert block_agreement(train[:40], train, 2, k=5) == 1.0           # each block finds its own image
+    chimeras = train[:40].copy()
+    chimeras[:, 8:, :] = train[100:140, 8:, :]                        # lower halves from other images
+    assert block_agreement(chimeras, train, 2, k=5) < 0.2
+    assert block_agreement(train[:4], train, 1) is None
 
 
 def test_reference_features_are_computed_once_and_keyed_by_the_pixels(monkeypatch):
@@ -123,8 +157,10 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     result = evaluate(tiny_bundle, n=20, data=str(SAMPLE), steps=10, seed=0, log=lines.append)
     for key in ("fd_effnetlite0", "kid_effnetlite0", "seam_ratio_generated", "seam_ratio_reference",
                 "seam_ratio_reconstructed",
-                "copying_score", "copying_threshold", "nearest_train_distance_generated_median",
-                "nearest_train_distance_test_median", "label_accuracy", "classifier_test_accuracy",
+                "copying_score", "copying_score_test", "copying_radius_median",
+                "nearest_train_distance_generated_median", "nearest_train_distance_test_median",
+                "block_agreement_generated", "block_agreement_test", "block_agreement_reconstructed",
+                "label_accuracy", "classifier_test_accuracy",
                 "n", "reference", "target", "steps", "seed", "seconds"):
         assert key in result, key
         if isinstance(result[key], float):
@@ -133,7 +169,11 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     assert result["fd_effnetlite0"] > 0
     assert None not in (result["seam_ratio_generated"], result["seam_ratio_reference"],
                         result["seam_ratio_reconstructed"])
-    assert 0 <= result["copying_score"] <= 1 and result["copying_threshold"] > 0
+    assert result["copying_method"] == "autoencoder round trip" and result["copying_radius_median"] > 0
+    for key in ("copying_score", "copying_score_test", "block_agreement_generated", "block_agreement_test",
+                "block_agreement_reconstructed"):
+        assert 0 <= result[key] <= 1, key
+    assert result["copying_test_images"] > 0
     assert 0 <= result["label_accuracy"] <= 1 and 0 <= result["classifier_test_accuracy"] <= 1
     assert lines, "evaluate reports progress through log"
 
