@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -43,25 +43,37 @@ def to_pil(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
+def edge_colour(pixels: np.ndarray) -> tuple[int, ...]:
+    """The median colour of the outermost pixels of uint8 (..., H, W, C) images: what the images
+    themselves stand on (black for Fashion-MNIST, white for Twemoji), whatever a manifest says."""
+    ring = np.concatenate([pixels[..., 0, :, :], pixels[..., -1, :, :], pixels[..., :, 0, :],
+                           pixels[..., :, -1, :]], axis=-2).reshape(-1, pixels.shape[-1])
+    return tuple(int(v) for v in np.median(ring, axis=0))
+
+
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Tile images row by row on white."""
+    """Tile images row by row; the cells of an incomplete last row take the images' own edge
+    colour, so that a grid of a black-background model is not padded with white."""
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
-    out = Image.new(images[0].mode, (columns * w, rows * h), "white")
+    colour = edge_colour(np.stack([np.asarray(im).reshape(h, w, -1) for im in images]))
+    out = Image.new(images[0].mode, (columns * w, rows * h), colour if len(colour) > 1 else colour[0])
     for i, im in enumerate(images):
         out.paste(im, ((i % columns) * w, (i // columns) * h))
     return out
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically: a reader never sees a half-written PNG."""
+    """Write atomically (a reader never sees a half-written PNG), with the permissions the
+    umask gives a new file (mkstemp would force 0600): the temp file is created by os.open
+    with mode 0666, which the kernel masks, then renamed over the target."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             image.save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

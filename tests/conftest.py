@@ -24,10 +24,11 @@ steps = 60
 """
 
 
-def cli(*args: str, check: bool = False, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed console script the way a user would."""
+def cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed console script the way a user would. No timeout: on a busy machine a
+    command is only slower, and a time cap would turn load into failures."""
     proc = subprocess.run([sys.executable, "-m", "rissole_edge", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+                          env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(f"rissole-edge {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -40,6 +41,17 @@ def train_variant(tiny_run: Path, tiny_config: Path, out: Path, kind: str) -> Pa
     cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(variant),
         "--reuse", str(tiny_run), check=True)
     return out
+
+
+# Tests that use these fixtures train or export a model (tens of seconds on a busy 2-core
+# machine, once per session): they are `slow`, whether or not they say so themselves.
+TRAINED_FIXTURES = {"tiny_run", "tiny_bundle"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -51,8 +51,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_run, ti
     args = ["train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config)]
     proc = subprocess.Popen([sys.executable, "-m", "rissole_edge", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "autoencoder.safetensors").exists() and time.time() < deadline:
+    while not (run / "autoencoder.safetensors").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -82,7 +81,7 @@ def test_ddp_two_processes_on_cpu(tmp_path, tiny_config):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "-m", "rissole_edge", "train", str(SAMPLE), "--out", str(run), "--preset", "tiny",
-                           "--config", str(tiny_config)], capture_output=True, text=True, env=env, timeout=600)
+                           "--config", str(tiny_config)], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     weights = load_file(str(run / "denoiser.safetensors"))
     assert weights["model/out.2.weight"].abs().sum() > 0

@@ -1,0 +1,95 @@
+"""Where `generate` puts its PNGs: names, the checks made before any work, and writing each
+group as soon as it is finished.
+
+Writing as groups finish (instead of once at the end) means an interrupted or failed run keeps
+every finished image; each PNG is written atomically, so none is ever half-written. Existing
+files are never replaced silently: a rerun with other settings would otherwise overwrite
+yesterday's images under the same names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import images
+from .errors import UsageError
+
+
+class ImageWriter:
+    """`DIR/seed{S}-{i:04d}.png` per image, plus an optional grid file."""
+
+    def __init__(self, folder: Path, seed: int, grid_file: Path | None = None):
+        self.folder, self.seed, self.grid_file = Path(folder), seed, grid_file
+        self.written: list[Path] = []
+        self.total = 0
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"seed{self.seed}-{i:04d}.png"
+
+    def check(self, n: int, overwrite: bool) -> None:
+        """Before any work: the folders must be writable, and without `overwrite` no output
+        file may exist yet (refused with the first one named)."""
+        self.total = n
+        for folder in [self.folder] + ([self.grid_file.parent] if self.grid_file else []):
+            target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
+            if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
+                raise UsageError(f"cannot write to {folder}: not a writable folder")
+        if overwrite:
+            return
+        targets = [self.path(i) for i in range(n)] + ([self.grid_file] if self.grid_file else [])
+        existing = [p for p in targets if p.exists()]
+        if existing:
+            what = f"{existing[0]} and {len(existing) - 1} more files already exist" if len(existing) > 1 \
+                else f"{existing[0]} already exists"
+            raise UsageError(f"{what}: pass --overwrite to replace them, or choose another -o folder, "
+                             "--seed or --grid file")
+
+    def write_group(self, first: int, pixels: np.ndarray) -> None:
+        """Save images first, first + 1, ... (uint8 (len, H, W, C)) now. A Ctrl-C meanwhile
+        takes effect once the group is on disk (a few ms), so that the count of written images
+        that the CLI reports is exact."""
+        with _interrupts_deferred():
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                for i, p in enumerate(pixels, start=first):
+                    path = self.path(i)
+                    images.save_png(images.to_pil(p), path)
+                    self.written.append(path)
+            except OSError as e:
+                raise UsageError(f"cannot write images: {e.strerror or e}; {self.summary()}") from None
+
+    def write_grid(self, pictures: list[Image.Image]) -> None:
+        if self.grid_file is None:
+            return
+        try:
+            images.save_png(images.grid(pictures), self.grid_file)
+        except OSError as e:
+            raise UsageError(f"cannot write {self.grid_file}: {e.strerror or e}") from None
+
+    def summary(self) -> str:
+        return f"{len(self.written)} of {self.total} images were written to {self.folder}"
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT until the block ends, then raise KeyboardInterrupt if one came (only the main
+    thread can set signal handlers; elsewhere the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
