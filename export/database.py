@@ -24,6 +24,7 @@ from rissole_edge.retrieval import keys_of, project   # the runtime computes que
 from . import pack
 from .autoencoder import VQAutoencoder
 from .config import DatabaseConfig
+from .pixels import to_tensor
 
 FILES = ("codes.npy", "keys.npy", "pca.npz", "index.bin", "neighbours.npy", "meta.json")
 
@@ -37,11 +38,6 @@ def encode(ae: VQAutoencoder, pixels: np.ndarray, batch: int = 512) -> np.ndarra
         x = to_tensor(pixels[i:i + batch])
         out.append(ae.encode_indices(x).numpy().astype(dtype))
     return np.concatenate(out)
-
-
-def to_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def code_latents(codebook: np.ndarray, codes: np.ndarray) -> np.ndarray:

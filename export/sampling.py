@@ -21,6 +21,7 @@ from . import checkpoint, config, denoiser
 from .autoencoder import VQAutoencoder
 from .database import Database, code_latents
 from .diffusion import Diffusion
+from .pixels import to_pixels
 
 
 @dataclass
@@ -62,11 +63,6 @@ def block_latents(ae: VQAutoencoder, db: Database, whole: bool) -> torch.Tensor:
     if whole:
         latents = blocks.join(latents, db.meta["blocks_per_side"])[:, None]
     return torch.from_numpy(np.ascontiguousarray(latents)).float()
-
-
-def to_pixels(x: torch.Tensor) -> np.ndarray:
-    """Decoder output in [-1, 1], (N, C, H, W) -> uint8 (N, H, W, C)."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 @torch.no_grad()

@@ -34,7 +34,8 @@ from . import checkpoint, config, data, database, denoiser
 from .autoencoder import PatchDiscriminator, VQAutoencoder
 from .diffusion import Diffusion
 from .layers import count_parameters
-from .sampling import RunModels, block_latents, generate, load_autoencoder, to_pixels
+from .pixels import to_pixels, to_tensor
+from .sampling import RunModels, block_latents, generate, load_autoencoder
 
 STAGES = ("autoencoder", "database", "denoiser")
 
@@ -140,7 +141,7 @@ def evaluate_autoencoder(ae: VQAutoencoder, pixels: np.ndarray) -> dict[str, flo
     ae.eval()
     mse, used = [], set()
     for i in range(0, len(pixels), 512):
-        x = database.to_tensor(pixels[i:i + 512])
+        x = to_tensor(pixels[i:i + 512])
         out = ae(x)
         rec = torch.from_numpy(to_pixels(out["recon"])).float()
         mse.append(((rec - torch.from_numpy(pixels[i:i + 512]).float()) ** 2).mean(dim=(1, 2, 3)))
@@ -164,7 +165,7 @@ def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
     start = ctx.restore("autoencoder", modules, optimizers)
     model = ctx.wrap(ae)
     critic = ctx.wrap(disc) if disc is not None else None
-    train_x = database.to_tensor(images.train)
+    train_x = to_tensor(images.train)
     batch = max(1, cfg.batch_size // ctx.world)
     test = images.test if len(images.test) else images.train
     preview = test[:16]
@@ -196,7 +197,7 @@ def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
                     codebook=out["codebook_loss"].item(), restarted=restarted)
         if ctx.main and ((step + 1) % ctx.cfg.sample_every == 0 or step + 1 == cfg.steps):
             with torch.no_grad():
-                recon = to_pixels(ae(database.to_tensor(preview).to(ctx.device))["recon"].cpu())
+                recon = to_pixels(ae(to_tensor(preview).to(ctx.device))["recon"].cpu())
             save_grid(np.concatenate([preview, recon]), ctx.run / "samples" / f"autoencoder-{step + 1:06d}.png")
     report = evaluate_autoencoder(ae.cpu(), test)
     report["parameters"] = count_parameters(ae)

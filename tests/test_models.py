@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rissole_export import config, data, database, denoiser
+from rissole_export import config, data, database, denoiser, pixels
 from rissole_export.autoencoder import VQAutoencoder
 from rissole_export.diffusion import Diffusion
 from rissole_export.layers import count_parameters
@@ -40,7 +40,7 @@ def _sample_pixels() -> np.ndarray:
 
 def test_autoencoder_loss_falls_on_the_sample():
     torch.manual_seed(0)
-    x = database.to_tensor(_sample_pixels())
+    x = pixels.to_tensor(_sample_pixels())
     ae = VQAutoencoder(1, config.resolve("tiny").autoencoder)
     opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
