@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from rissole_edge import images as pictures
 from rissole_edge.errors import DataError, UsageError
 from rissole_edge.progress import Progress
 
@@ -123,14 +123,9 @@ class Context:
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
-    """uint8 (N, H, W, C) -> one PNG grid."""
-    n, h, w, c = images.shape
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * h, columns * w, c), 255, np.uint8)
-    for i, im in enumerate(images):
-        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = im
+    """uint8 (N, H, W, C) -> one PNG grid, tiled and written as `generate` does."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    pictures.save_png(pictures.grid([pictures.to_pil(p) for p in images], columns), path)
 
 
 # ---------------------------------------------------------------- stage 1: autoencoder
