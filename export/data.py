@@ -25,6 +25,7 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+SOURCES = ("fashion-mnist", "twemoji")     # the built-in sources: their name is enough to find them
 
 
 @dataclass
@@ -55,7 +56,7 @@ def load(source: str, cfg: DataConfig) -> ImageSet:
         return _twemoji(cfg)
     path = Path(source)
     if not path.exists():
-        raise DataError(f"data {source!r} not found: give an image folder, 'fashion-mnist' or 'twemoji'")
+        raise DataError(f"data {source!r} not found: give an image folder or one of {', '.join(SOURCES)}")
     if not path.is_dir():
         raise DataError(f"data {source!r} is not a folder of images")
     return _folder(path, cfg)

@@ -297,7 +297,7 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
     else:
         overrides = config.read_config_file(config_file) if config_file else {}
         cfg = config.resolve(preset or "small", overrides)
-    cfg.data.source = source if source in ("fashion-mnist", "twemoji") else str(Path(source).resolve())
+    cfg.data.source = source if source in data.SOURCES else str(Path(source).resolve())
     cfg.data.size = cfg.data.size or data.default_size(source)
     cfg.data.channels = cfg.data.channels or data.default_channels(source)
     if stored is not None:
