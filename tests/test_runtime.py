@@ -192,7 +192,7 @@ def test_bench_quick_smoke(tiny_bundle):
 
 
 @pytest.mark.parametrize("name,extra,size,mode", [("fashion-mnist", ["--label", "sneaker"], 32, "L"),
-                                                   ("twemoji", [], 64, "RGB")])
+                                                   ("twemoji", ["--label", "food-drink"], 64, "RGB")])
 def test_shipped_bundles_verify_and_generate(tmp_path, name, extra, size, mode):
     """CI never trains the shipped models; it checks that they verify and generate."""
     from rissole_edge.generator import shipped_bundle
