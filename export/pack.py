@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_edge import ed25519
+from rissole_edge import signing
 from rissole_edge.bundle import ALIGN, FORMAT_VERSION, HEADER, MAGIC, data_start
 
 
@@ -34,7 +34,7 @@ def write(path: Path, manifest: dict, members: dict[str, bytes], signing_key: by
         offset += -(-len(data) // ALIGN) * ALIGN
     manifest = {**manifest, "format_version": FORMAT_VERSION, "members": table}
     raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    signer, signature = (ed25519.public_key(signing_key), ed25519.sign(signing_key, raw)) if signing_key \
+    signer, signature = (signing.public_key(signing_key), signing.sign(signing_key, raw)) if signing_key \
         else (bytes(32), bytes(64))
     header = HEADER.pack(MAGIC, FORMAT_VERSION, len(raw), hashlib.sha256(raw).digest(), signer, signature)
     start = data_start(len(raw))

@@ -1,10 +1,12 @@
-"""Ed25519 signatures (RFC 8032), in pure Python, for signed bundles.
+"""Ed25519 signature verification (RFC 8032), in pure Python, for signed bundles.
 
-Pure Python keeps the runtime's dependencies to onnxruntime, numpy, hnswlib and pillow on
-every board; a bundle is verified once per open, where a few milliseconds do not matter.
-This follows the RFC's reference implementation (section 6) and is checked against its test
-vectors. It is not constant-time: fine for verifying public data and for signing on a build
-machine, not for signing on a device an attacker can time.
+Only verification lives here: pure Python keeps the runtime's dependencies to onnxruntime,
+numpy, hnswlib and pillow on every board, and a bundle is verified once per open, where a
+few milliseconds do not matter. It follows the RFC's reference implementation (section 6) and
+is tested against the RFC's vectors and against signatures made by `cryptography`. It is not
+constant-time, which does not matter here: a verifier handles only public data (the public
+key, the manifest, the signature). Signing and key generation handle the secret key and use
+`cryptography` instead (`rissole_edge.signing`).
 """
 
 from __future__ import annotations
@@ -63,12 +65,6 @@ _GX = _recover_x(_GY, 0)
 _G: Point = (_GX, _GY, 1, _GX * _GY % _P)
 
 
-def _compress(point: Point) -> bytes:
-    zinv = pow(point[2], _P - 2, _P)
-    x, y = point[0] * zinv % _P, point[1] * zinv % _P
-    return int.to_bytes(y | ((x & 1) << 255), 32, "little")
-
-
 def _decompress(data: bytes) -> Point | None:
     y = int.from_bytes(data, "little")
     sign, y = y >> 255, y & ((1 << 255) - 1)
@@ -78,31 +74,6 @@ def _decompress(data: bytes) -> Point | None:
 
 def _hash_int(data: bytes) -> int:
     return int.from_bytes(hashlib.sha512(data).digest(), "little") % _Q
-
-
-def _expand(secret: bytes) -> tuple[int, bytes]:
-    h = hashlib.sha512(secret).digest()
-    a = int.from_bytes(h[:32], "little")
-    a &= (1 << 254) - 8
-    a |= 1 << 254
-    return a, h[32:]
-
-
-def public_key(secret: bytes) -> bytes:
-    """The 32-byte public key of a 32-byte secret key."""
-    if len(secret) != 32:
-        raise ValueError("an Ed25519 secret key is 32 bytes")
-    return _compress(_mul(_expand(secret)[0], _G))
-
-
-def sign(secret: bytes, message: bytes) -> bytes:
-    """A 64-byte signature of `message`."""
-    a, prefix = _expand(secret)
-    pub = _compress(_mul(a, _G))
-    r = _hash_int(prefix + message)
-    big_r = _compress(_mul(r, _G))
-    s = (r + _hash_int(big_r + pub + message) * a) % _Q
-    return big_r + int.to_bytes(s, 32, "little")
 
 
 def verify(public: bytes, message: bytes, signature: bytes) -> bool:

@@ -7,10 +7,9 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
-from . import ed25519
+from . import signing
 from .errors import UsageError
 
 SECRET, PUBLIC = "rissole-ed25519-secret", "rissole-ed25519-public"
@@ -31,7 +30,11 @@ def _read(path: Path, kind: str) -> bytes:
 
 
 def read_secret(path: Path) -> bytes:
-    return _read(path, SECRET)
+    """A secret key for signing; raises ToolchainMissing at once, before any work that would end
+    in a signature, when the signing library is not installed."""
+    secret = _read(path, SECRET)
+    signing.public_key(secret)
+    return secret
 
 
 def read_public(path: Path) -> bytes:
@@ -45,12 +48,12 @@ def generate(path: Path) -> tuple[Path, Path]:
     for p in (path, public_path):
         if p.exists():
             raise UsageError(f"{p} exists: refusing to overwrite a key")
-    secret = secrets.token_bytes(32)
+    secret = signing.new_secret()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{SECRET} {secret.hex()}\n")
-        public_path.write_text(f"{PUBLIC} {ed25519.public_key(secret).hex()}\n")
+        public_path.write_text(f"{PUBLIC} {signing.public_key(secret).hex()}\n")
     except OSError as e:
         raise UsageError(f"cannot write key file {path}: {e.strerror}") from None
     return path, public_path

@@ -1,10 +1,16 @@
-"""Signed bundles: Ed25519 over the manifest; trusted keys refuse unsigned or foreign bundles."""
+"""Signed bundles: Ed25519 over the manifest (signed with `cryptography`, verified by the runtime's
+pure-Python verifier); trusted keys refuse unsigned or foreign bundles."""
+
+import random
+import sys
 
 import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from rissole_edge import ed25519, keys
+from rissole_edge import ed25519, keys, signing
 from rissole_edge.bundle import Bundle, BundleError
-from rissole_edge.errors import UsageError
+from rissole_edge.errors import ToolchainMissing, UsageError
 from rissole_export import pack
 
 from conftest import cli
@@ -23,15 +29,52 @@ RFC8032 = [  # (secret, public, message, signature): RFC 8032 section 7.1, tests
 
 
 @pytest.mark.parametrize("secret,public,message,signature", RFC8032)
-def test_ed25519_matches_rfc8032(secret, public, message, signature):
-    sk, msg = bytes.fromhex(secret), bytes.fromhex(message)
-    assert ed25519.public_key(sk).hex() == public
-    assert ed25519.sign(sk, msg).hex() == signature
-    assert ed25519.verify(bytes.fromhex(public), msg, bytes.fromhex(signature))
-    bad = bytearray(bytes.fromhex(signature))
+def test_rfc8032_vectors_sign_and_verify(secret, public, message, signature):
+    sk, pk, msg, sig = (bytes.fromhex(x) for x in (secret, public, message, signature))
+    assert signing.public_key(sk) == pk
+    assert signing.sign(sk, msg) == sig
+    assert ed25519.verify(pk, msg, sig)
+    bad = bytearray(sig)
     bad[5] ^= 1
-    assert not ed25519.verify(bytes.fromhex(public), msg, bytes(bad))
-    assert not ed25519.verify(bytes.fromhex(public), msg + b"x", bytes.fromhex(signature))
+    assert not ed25519.verify(pk, msg, bytes(bad))
+    assert not ed25519.verify(pk, msg + b"x", sig)
+
+
+def test_pure_python_verifier_agrees_with_cryptography():
+    """The runtime's verifier accepts what `cryptography` signs and rejects, like `cryptography`,
+    a one-bit change of the signature, the message or the key."""
+    rng = random.Random(0)
+    for _ in range(8):
+        secret = Ed25519PrivateKey.generate()
+        public = secret.public_key().public_bytes_raw()
+        message = rng.randbytes(rng.randrange(1, 300))
+        signature = secret.sign(message)
+        assert ed25519.verify(public, message, signature)
+        for field in range(3):
+            parts = [bytearray(signature), bytearray(message), bytearray(public)]
+            bit = rng.randrange(len(parts[field]) * 8)
+            parts[field][bit // 8] ^= 1 << (bit % 8)
+            sig, msg, pub = (bytes(p) for p in parts)
+            assert not _cryptography_verifies(pub, msg, sig)
+            assert not ed25519.verify(pub, msg, sig), (field, bit)
+
+
+def _cryptography_verifies(public: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def test_signing_without_cryptography_is_one_line(tmp_path, monkeypatch):
+    keys.generate(tmp_path / "key")
+    monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric", None)
+    with pytest.raises(ToolchainMissing, match=r"pip install '\.\[export\]'"):
+        keys.read_secret(tmp_path / "key")
+    with pytest.raises(ToolchainMissing):
+        keys.generate(tmp_path / "other")
+    assert keys.read_public(tmp_path / "key.pub")          # devices verify without it
 
 
 def _resign(source, target, secret):
