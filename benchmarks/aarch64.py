@@ -1,6 +1,6 @@
 """Prove the runtime on aarch64 (Raspberry Pi class boards) under qemu-user emulation.
 
-    sudo python3 benchmarks/aarch64.py [--root DIR] [--bundle B ...] [--export] \
+    sudo .venv/bin/python benchmarks/aarch64.py [--root DIR] [--bundle B ...] [--export] \
         --out benchmarks/results/aarch64.json
 
 What it does (every step is skipped when its result is already there, so a rerun is cheap):
@@ -17,7 +17,7 @@ What it does (every step is skipped when its result is already there, so a rerun
 4. compares the PNGs (exact equality, max |diff|, PSNR over uint8 pixels) and records the peak
    RSS of the emulated process, versions and commands in --out (JSON) and a .md table beside it.
 
-Standard library only. Timings under emulation are recorded but are not representative of a board.
+The host side runs in the project's venv (it compares PNGs with numpy and Pillow). Timings under emulation are recorded but are not representative of a board.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ import os
 import platform
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_CLI = REPO / ".venv" / "bin" / "rissole-edge"
@@ -313,44 +314,13 @@ def run_generate(cmd: list[str], env: dict, errlog: Path) -> tuple[dict, float, 
     return json.loads(out), wall, usage.ru_maxrss * 1024
 
 
-def read_png(path: Path) -> tuple[int, int, int, bytes]:
-    """Decode an 8-bit, non-interlaced PNG (what pillow writes here): (width, height, channels, pixels)."""
-    data = path.read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise Fail(f"{path} is not a PNG")
-    pos, idat, w, h, ch = 8, [], 0, 0, 1
-    while pos < len(data):
-        n, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + n]
-        pos += 12 + n
-        if kind == b"IHDR":
-            w, h, depth, ctype, _, _, interlace = struct.unpack(">IIBBBBB", body)
-            if depth != 8 or interlace or ctype not in (0, 2, 4, 6):
-                raise Fail(f"{path}: unsupported PNG (depth {depth}, type {ctype}, interlace {interlace})")
-            ch = {0: 1, 2: 3, 4: 2, 6: 4}[ctype]
-        elif kind == b"IDAT":
-            idat.append(body)
-        elif kind == b"IEND":
-            break
-    raw, stride = zlib.decompress(b"".join(idat)), w * ch
-    out, prev = bytearray(), bytearray(stride)
-    for y in range(h):
-        f, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
-        for x in range(stride):
-            a = line[x - ch] if x >= ch else 0
-            b, c = prev[x], (prev[x - ch] if x >= ch else 0)
-            if f == 1:
-                line[x] = (line[x] + a) & 255
-            elif f == 2:
-                line[x] = (line[x] + b) & 255
-            elif f == 3:
-                line[x] = (line[x] + (a + b) // 2) & 255
-            elif f == 4:
-                pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
-                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
-        out += line
-        prev = line
-    return w, h, ch, bytes(out)
+def read_png(path: Path) -> np.ndarray:
+    """A generated PNG's pixels, decoded by Pillow."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im)
+    except (OSError, UnidentifiedImageError) as e:
+        raise Fail(f"{path} is not a readable PNG: {e}") from None
 
 
 def compare(a: list[Path], b: list[Path]) -> dict:
@@ -359,11 +329,11 @@ def compare(a: list[Path], b: list[Path]) -> dict:
     psnrs, exact, maxdiff = [], 0, 0
     for pa, pb in zip(a, b):
         ia, ib = read_png(pa), read_png(pb)
-        if ia[:3] != ib[:3]:
+        if ia.shape != ib.shape:
             raise Fail(f"{pa} and {pb} differ in shape")
-        d = [x - y for x, y in zip(ia[3], ib[3])]
-        mse = sum(v * v for v in d) / len(d)
-        maxdiff = max(maxdiff, max(abs(v) for v in d))
+        d = ia.astype(np.int64) - ib.astype(np.int64)
+        mse = float(np.mean(d * d))
+        maxdiff = max(maxdiff, int(np.abs(d).max()))
         exact += mse == 0
         psnrs.append(math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse))
     finite = [p for p in psnrs if math.isfinite(p)]
