@@ -66,6 +66,7 @@ class DenoiserConfig:
     cond_noise: float = 0.0          # std of noise added to neighbour blocks in training
     schedule: str = "linear"
     timesteps: int = 1000
+    prediction: str = "eps"          # "eps"; "v" for distilled few-step students (docs/method.md)
     steps: int = 20000
     batch_size: int = 256
     lr: float = 2e-4
@@ -152,6 +153,7 @@ def _validate(cfg: RunConfig) -> None:
          "denoiser.kind must be 'block', 'block-noretrieval' or 'whole'"),
         (dn.fusion in ("add", "concat"), "denoiser.fusion must be 'add' or 'concat'"),
         (dn.schedule in ("linear", "cosine"), "denoiser.schedule must be 'linear' or 'cosine'"),
+        (dn.prediction in ("eps", "v"), "denoiser.prediction must be 'eps' or 'v'"),
         (dn.blocks_per_side >= 1, "denoiser.blocks_per_side must be at least 1"),
         (dn.k >= 1, "denoiser.k must be at least 1"),
         (db.window >= dn.k, "database.window must be at least denoiser.k"),

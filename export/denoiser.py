@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rissole_edge.schedule import alphas_cumprod
+
 from .config import DenoiserConfig
 from .layers import Downsample, ResBlock, Upsample, norm, sinusoidal
 
@@ -22,10 +24,16 @@ class UNet(nn.Module):
     Inputs: x (N, C, s, s) noisy block; t (N,) float timesteps; pos (N,) int64 block
     positions; cond (N, k*C, s, s) the neighbours' blocks at the same position, stacked along
     channels in rank order (zeros mean "no neighbours": classifier-free guidance).
+
+    With `v_schedule` (alpha_bar per timestep) the network predicts v = a eps - s x0 and the
+    module returns eps = s x + a v: the output is still epsilon, so the runtime samples it like
+    any denoiser, but an error in the network's output no longer blows up in x0 at low
+    signal-to-noise (the few-step students of distill.py need that).
     """
 
     def __init__(self, latent_channels: int, block_size: int, k: int, positions: int,
-                 channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str):
+                 channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str,
+                 v_schedule: torch.Tensor | None = None):
         super().__init__()
         if block_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"a block of side {block_size} cannot be halved "
@@ -63,6 +71,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, latent_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
+        self.v_prediction = v_schedule is not None
+        if v_schedule is not None:     # not in the state dict: it is the config's schedule
+            self.register_buffer("alpha_bar", v_schedule.float(), persistent=False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +94,10 @@ class UNet(nn.Module):
             h = layer(h, emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
-        return self.out(h)
+        if not self.v_prediction:
+            return self.out(h)
+        a = self.alpha_bar[t.long().clamp(0, len(self.alpha_bar) - 1)].view(-1, 1, 1, 1)
+        return (1 - a).sqrt() * x + a.sqrt() * self.out(h)
 
 
 def geometry(cfg: DenoiserConfig, latent_side: int) -> tuple[int, int]:
@@ -98,8 +112,9 @@ def build(cfg: DenoiserConfig, latent_channels: int, latent_side: int) -> UNet:
     """The denoiser a config asks for."""
     block_size, positions = geometry(cfg, latent_side)
     k = cfg.k if cfg.kind == "block" else 0
+    v_schedule = torch.from_numpy(alphas_cumprod(cfg.schedule, cfg.timesteps)) if cfg.prediction == "v" else None
     return UNet(latent_channels, block_size, k, positions, cfg.channels, cfg.channel_mult,
-                cfg.res_blocks, cfg.fusion)
+                cfg.res_blocks, cfg.fusion, v_schedule)
 
 
 def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
