@@ -51,6 +51,7 @@ from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
 from . import config as run_config
 from . import data as datasets
 from .config import DataConfig
+from .pixels import to_pixels, to_tensor
 
 if TYPE_CHECKING:      # the generator (onnxruntime) is imported only when a bundle is evaluated
     from rissole_edge.generator import Generator
@@ -410,8 +411,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
 
 def _open_run(run: Path, log: Log) -> _Source:
     """Generation with the run's torch models (EMA weights): the model before export."""
-    from .database import to_tensor
-    from .sampling import RunModels, generate as torch_generate, to_pixels
+    from .sampling import RunModels, generate as torch_generate
 
     m = RunModels.load(run)
     cfg = m.cfg
@@ -481,10 +481,6 @@ class _Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def _to_input(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
 @contextlib.contextmanager
 def _torch_threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
@@ -521,7 +517,7 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, seed
     net.train()
     for _ in range(steps):
         idx = rng.integers(0, len(images), min(CLASSIFIER_BATCH, len(images)))
-        loss = F.cross_entropy(net(_to_input(images[idx])), y[idx])
+        loss = F.cross_entropy(net(to_tensor(images[idx])), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -532,7 +528,7 @@ def _train_classifier(images: np.ndarray, labels: np.ndarray, classes: int, seed
 
 @torch.no_grad()
 def classify(net: nn.Module, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([net(_to_input(images[part])).argmax(1).numpy()
+    return np.concatenate([net(to_tensor(images[part])).argmax(1).numpy()
                            for part in _batches(len(images), 512)])
 
 
