@@ -35,10 +35,17 @@ Progress = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class Query:
-    """What an image is generated "from": a database entry, an image, or a class label."""
+    """What an image is generated "from": a database entry, an image, or a class label (at most
+    one: the CLI refuses two of --query-id, --like and --label, and so does the API, instead of
+    silently letting one win)."""
     entry: int | None = None
     like: str | Path | Image.Image | None = None
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("entry", "like", "label") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise UsageError(f"a Query takes at most one of entry, like and label, got {' and '.join(given)}")
 
 
 def _session(model: bytes, name: str, threads: int, low_memory: bool, spin: bool) -> ort.InferenceSession:
