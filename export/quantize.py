@@ -2,10 +2,10 @@
 
 Why onnxruntime.quantization and not optimum's ORTQuantizer: optimum wraps the same
 `quantize_static`, but needs transformers and a `datasets`-style calibration set and pins older
-versions (facts.md); our calibration data are arrays we already hold, so the direct API is
-smaller and clearer. What facts.md measured decides the recipe: static QDQ, per-channel
-weights, Conv only (quantizing the timestep path and every activation wrecks accuracy;
-dynamic quantization makes convolutions slower).
+versions; our calibration data are arrays we already hold, so the direct API is smaller and
+clearer. The recipe, as measured when it was chosen: static QDQ, per-channel weights, Conv
+only (quantizing the timestep path and every activation wrecks accuracy; dynamic quantization
+makes convolutions slower).
 """
 
 from __future__ import annotations
