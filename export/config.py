@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rissole_edge.errors import UsageError
+from rissole_edge.schedule import SCHEDULES
 
 
 class ConfigError(UsageError):
@@ -22,7 +23,7 @@ class ConfigError(UsageError):
 
 @dataclass
 class DataConfig:
-    source: str = ""                 # "fashion-mnist", "twemoji" or an image folder (set by train)
+    source: str = ""                 # a built-in source (data.SOURCES) or an image folder (set by train)
     size: int | None = None          # square image side in pixels; None = the source's default
     channels: int | None = None      # 1 (grey) or 3 (RGB); None = the source's default
     background: str = "#ffffff"      # RGBA images are composited on this colour
@@ -152,7 +153,7 @@ def _validate(cfg: RunConfig) -> None:
         (dn.kind in ("block", "block-noretrieval", "whole"),
          "denoiser.kind must be 'block', 'block-noretrieval' or 'whole'"),
         (dn.fusion in ("add", "concat"), "denoiser.fusion must be 'add' or 'concat'"),
-        (dn.schedule in ("linear", "cosine"), "denoiser.schedule must be 'linear' or 'cosine'"),
+        (dn.schedule in SCHEDULES, f"denoiser.schedule must be one of {', '.join(SCHEDULES)}"),
         (dn.prediction in ("eps", "v"), "denoiser.prediction must be 'eps' or 'v'"),
         (dn.blocks_per_side >= 1, "denoiser.blocks_per_side must be at least 1"),
         (dn.k >= 1, "denoiser.k must be at least 1"),
