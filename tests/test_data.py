@@ -39,14 +39,36 @@ def test_folder_bad_inputs(tmp_path):
         data.load(str(tmp_path / "missing"), DataConfig())
     with pytest.raises(DataError, match="no images"):
         data.load(str(tmp_path), DataConfig())
-    Image.new("L", (10, 10)).save(tmp_path / "small.png")
-    with pytest.raises(DataError, match="smaller than the configured size 32"):
-        data.load(str(tmp_path), DataConfig(size=32))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot read image"):
+    with pytest.raises(DataError, match="no readable image among the 1 files found: .*broken.png"):
         data.load(str(tmp_path), DataConfig(size=8))
+    Image.new("L", (10, 10)).save(tmp_path / "small.png")
+    ds = data.load(str(tmp_path), DataConfig(size=8, test_percent=0))
+    assert len(ds.train) == 1 and len(ds.skipped) == 1 and "broken.png" in ds.skipped[0]   # skipped, said
     with pytest.raises(DataError, match="not a colour"):
         data.load(str(tmp_path), DataConfig(size=8, background="blurple"))
+
+
+def test_any_size_and_aspect_is_fitted_to_the_square(tmp_path):
+    """28x28 on black (Fashion-MNIST style) pads to 32 on black; a large 3:1 image is resized
+    and centre-cropped; "crop" and "stretch" are the other policies."""
+    small = np.zeros((28, 28), np.uint8)
+    small[10:18, 10:18] = 200
+    Image.fromarray(small).save(tmp_path / "small.png")
+    wide = np.zeros((40, 120), np.uint8)
+    wide[:, 40:80] = 255                                    # a white middle third
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    images = lambda fit: dict(zip(("small", "wide"), data.load(str(tmp_path), DataConfig(
+        size=32, channels=1, fit=fit, test_percent=0)).train[..., 0]))
+    pad = images("pad")
+    assert pad["small"].shape == (32, 32) and np.array_equal(pad["small"][2:30, 2:30], small)
+    assert pad["small"][:2].max() == 0                       # padded with its own (black) edge
+    assert pad["wide"].min() > 200                           # the centre crop is the white third
+    crop = images("crop")
+    assert crop["small"][16, 16] == 200 and crop["small"][0, 0] == 0 and crop["small"][12, 12] > 100
+    stretch = images("stretch")
+    assert stretch["wide"][:, :8].max() < 30 and stretch["wide"][:, 12:20].min() > 200
+
 
 
 def test_fashion_mnist_official_split_or_install_hint(monkeypatch, tmp_path):

@@ -170,7 +170,7 @@ def test_closed_generator_refuses_work(tiny_bundle):
 
 
 def test_without_a_model_the_default_bundle_is_used_or_its_absence_explained(tmp_path):
-    from rissole_edge.generator import default_bundle
+    from rissole_edge.shipped import default_bundle
     proc = cli("generate", "-n", "1", "--steps", "2", "-o", str(tmp_path / "o"))
     try:
         default_bundle()
@@ -194,7 +194,7 @@ def test_bench_quick_smoke(tiny_bundle):
                                                    ("twemoji", ["--label", "food-drink"], 64, "RGB")])
 def test_shipped_bundles_verify_and_generate(tmp_path, name, extra, size, mode):
     """CI never trains the shipped models; it checks that they verify and generate."""
-    from rissole_edge.generator import shipped_bundle
+    from rissole_edge.shipped import shipped_bundle
     bundle = shipped_bundle(name)
     assert cli("verify", str(bundle)).returncode == 0
     report = json.loads(cli("generate", "-m", name, *extra, "-n", "2", "--steps", "10",

@@ -36,9 +36,11 @@ def test_bad_inputs_get_one_line_and_exit_2(tmp_path, tiny_run, tiny_config):
     _assert_one_line_error(cli("train", str(tmp_path / "nope"), "--out", out), "not found")
     (tmp_path / "empty").mkdir()
     _assert_one_line_error(cli("train", str(tmp_path / "empty"), "--out", out), "no images")
-    (tmp_path / "small").mkdir()
-    Image.new("L", (12, 12)).save(tmp_path / "small" / "a.png")
-    _assert_one_line_error(cli("train", str(tmp_path / "small"), "--out", out), "smaller than the configured size")
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.png").write_bytes(b"not a png")
+    _assert_one_line_error(cli("train", str(tmp_path / "unreadable"), "--out", out), "no readable image")
+    _assert_one_line_error(cli("train", str(SAMPLE), "--out", out, "--size", "28"), "use --size 16 or 32")
+    _assert_one_line_error(cli("train", str(SAMPLE), "--out", out, "--size", "4"), "at least 8")
     _assert_one_line_error(cli("train", str(SAMPLE), "--out", out, "--preset", "huge"), "unknown preset")
     _assert_one_line_error(cli("train", str(SAMPLE), "--out", str(tiny_run), "--preset", "tiny"),
                            "different config")
@@ -98,7 +100,7 @@ def test_runtime_only_install_explains_how_to_get_the_toolchain(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: this command needs the toolchain (torch is missing): " \
-                                  "pip install 'rissole-edge[export]'"
+                                  "pip install '.[export]' in a clone of rissole-edge"
 
 
 def test_patch_discriminator_trains_and_resumes(tmp_path):

@@ -1,0 +1,146 @@
+"""What a newcomer meets first: shipped names everywhere, files that are never overwritten
+silently, normal permissions, grids padded with the model's own background, finished groups
+kept on interrupt, and progress counted in images. On the shipped bundles: no training needed."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rissole_edge import images, shipped
+from rissole_edge.bundle import BundleError
+from rissole_edge.errors import UsageError
+from rissole_edge.generator import Generator
+from rissole_edge.output import ImageWriter
+
+from conftest import cli
+
+
+def test_shipped_names_work_in_the_api_info_verify_and_help(tmp_path):
+    assert shipped.names()[0] == "fashion-mnist" and "twemoji" in shipped.names()
+    with Generator.open("twemoji", threads=1) as gen:
+        assert gen.spec.image_size == 64
+    for name in shipped.names():
+        assert cli("info", name).stdout.startswith(f"{name}: rissole bundle")
+        assert cli("verify", name).stdout.strip() == f"{name}: OK"
+    for command in ("generate", "info", "verify", "bench"):
+        assert "fashion-mnist, twemoji" in re.sub(r"[\s│]+", " ", cli(command, "--help").stdout), command
+    with pytest.raises(BundleError, match=r"shipped name \(fashion-mnist, twemoji\)"):
+        Generator.open("fashion")
+    (tmp_path / "twemoji").write_bytes(b"not a bundle")        # a user's own file wins over the name
+    with pytest.raises(BundleError, match="not a rissole bundle"):
+        Generator.open(tmp_path / "twemoji")
+
+
+def test_the_readme_python_snippet_runs_as_written():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    lines = []
+    scope = {"print": lambda *a: lines.append(a)}
+    exec(snippet, scope)
+    assert len(scope["images"]) == 8 and lines[-1] == ("8/8 images",)
+
+
+def test_generate_refuses_to_overwrite_unless_told(tmp_path):
+    base = ["generate", "-n", "2", "--steps", "2", "-o", str(tmp_path / "o"), "--grid", str(tmp_path / "g.png")]
+    cli(*base, check=True)
+    first = (tmp_path / "o" / "seed0-0001.png").read_bytes()
+    proc = cli(*base[:3], "--steps", "3", *base[5:])
+    assert proc.returncode == 2 and "already exist" in proc.stderr and "--overwrite" in proc.stderr
+    assert (tmp_path / "o" / "seed0-0001.png").read_bytes() == first            # untouched
+    proc = cli(*base, "--seed", "1")                                             # the grid file exists
+    assert proc.returncode == 2 and "g.png already exists" in proc.stderr
+    assert not (tmp_path / "o" / "seed1-0000.png").exists()                     # refused before any work
+    cli(*base[:3], "--steps", "3", *base[5:], "--overwrite", check=True)
+    assert (tmp_path / "o" / "seed0-0001.png").read_bytes() != first
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_pngs_get_the_permissions_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        images.save_png(Image.new("L", (4, 4)), tmp_path / "a.png")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["a.png"]                    # no temp file left
+
+
+def test_an_incomplete_grid_is_padded_with_the_images_background():
+    dark = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (0, 10, 0)]
+    assert np.asarray(images.grid(dark))[6, 6] == 0                             # 2x2 grid, 4th cell
+    light = [Image.fromarray(np.full((4, 4, 3), 250, np.uint8))] * 3
+    assert tuple(np.asarray(images.grid(light))[6, 6]) == (250, 250, 250)
+    with Generator.open("fashion-mnist", threads=1) as gen:                    # black background model
+        grid = np.asarray(images.grid(gen.generate(3, steps=5)))
+    assert grid[32:, 32:].max() == 0
+
+
+def test_progress_counts_images_and_finished_groups_survive_an_interrupt(tmp_path):
+    seen, calls = [], []
+    with Generator.open("fashion-mnist", threads=1, memory_budget="1GB") as gen:   # groups of 16
+        assert gen.plan.images_per_group == 16
+        gen.generate(20, steps=2, on_progress=lambda done, total: seen.append((done, total)))
+        assert seen == [(16, 20), (20, 20)]
+        writer = ImageWriter(tmp_path, seed=0)
+        writer.check(40, overwrite=False)
+
+        def write_then_stop(first, pixels):
+            calls.append(first)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            writer.write_group(first, pixels)
+
+        with pytest.raises(KeyboardInterrupt):
+            gen.generate(40, steps=2, on_group=write_then_stop)
+    assert calls == [0, 16] and sorted(p.name for p in tmp_path.iterdir()) == \
+        [f"seed0-{i:04d}.png" for i in range(16)]
+    assert writer.summary() == f"16 of 40 images were written to {tmp_path}"
+
+
+def test_ctrl_c_keeps_the_finished_groups(tmp_path):
+    """SIGINT once the first group is on disk: exit 130, every PNG whole, a line that says so."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "rissole_edge", "generate", "-n", "10000", "--steps", "10",
+                             "--threads", "1", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    while not (out / "seed0-0000.png").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    written = sorted(out.glob("seed0-*.png"))
+    assert written and len(written) < 10000
+    assert f"interrupted: {len(written)} of 10000 images were written to {out}" in err
+    for path in written:
+        Image.open(path).load()
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_a_writer_refuses_an_unwritable_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="not a writable folder"):
+        ImageWriter(tmp_path / "file" / "sub", seed=0).check(1, overwrite=False)
+
+
+def test_generate_json_reports_every_image(tmp_path):
+    report = json.loads(cli("generate", "-n", "3", "--steps", "2", "-o", str(tmp_path), "--json",
+                            check=True).stdout)
+    assert report["images"] == [str(tmp_path / f"seed0-{i:04d}.png") for i in range(3)]
+
+
+def test_export_warns_when_int8_is_a_poor_trade():
+    from rissole_edge.cli import _int8_advice
+    assert _int8_advice({"int8_vs_fp32_psnr_mean": 37.1, "int8_speedup": 1.29}) is None     # the shipped one
+    assert _int8_advice({}) is None                                                          # an fp32 bundle
+    advice = _int8_advice({"int8_vs_fp32_psnr_mean": 17.0, "int8_speedup": 0.8})
+    assert "17.0 dB" in advice and "0.80x" in advice and "--quantize fp32" in advice
+    assert "--quantize fp32" in _int8_advice({"int8_vs_fp32_psnr_mean": 30.0, "int8_speedup": 0.9})
