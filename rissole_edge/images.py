@@ -11,20 +11,38 @@ import numpy as np
 from PIL import Image
 
 
-def fit(im: Image.Image, size: int, channels: int, background: str) -> np.ndarray:
+FITS = ("pad", "crop", "stretch")
+
+
+def fit(im: Image.Image, size: int, channels: int, background: str, policy: str = "crop") -> np.ndarray:
     """The one preprocessing of training images and of `--like` queries, so that both land in
-    the same latent space: composite transparency on `background`, convert to grey or RGB,
-    centre-crop to a square, resize to `size`. Returns uint8 (size, size, channels); raises
-    ValueError (or TypeError) for a background that is not a colour."""
+    the same latent space: composite transparency on `background`, convert to grey or RGB, then
+    make the image a `size` square by `policy`:
+
+    - "crop": centre-crop to a square, resize to `size` (the runtime's way with queries);
+    - "pad": an image that fits inside the square is centred on its own edge colour (nothing
+      is resampled); a larger one is cropped as above (data.fit's default for training);
+    - "stretch": resize to the square, ignoring the aspect ratio.
+
+    Returns uint8 (size, size, channels); raises ValueError (or TypeError) for a background
+    that is not a colour."""
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
     im = im.convert("L" if channels == 1 else "RGB")
-    side = min(im.size)
-    left, top = (im.width - side) // 2, (im.height - side) // 2
-    im = im.crop((left, top, left + side, top + side))
-    if side != size:
-        im = im.resize((size, size), Image.LANCZOS)
+    if policy == "stretch":
+        im = im.resize((size, size), Image.LANCZOS) if im.size != (size, size) else im
+    elif policy == "pad" and im.width <= size and im.height <= size:
+        colour = edge_colour(np.asarray(im).reshape(im.height, im.width, -1))
+        canvas = Image.new(im.mode, (size, size), colour if channels == 3 else colour[0])
+        canvas.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
+        im = canvas
+    else:
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side))
+        if side != size:
+            im = im.resize((size, size), Image.LANCZOS)
     arr = np.asarray(im, dtype=np.uint8)
     return arr[..., None] if channels == 1 else arr
 
