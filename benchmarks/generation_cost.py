@@ -25,12 +25,13 @@ from rissole_edge.bench import run_child
 STEPS = 50
 
 
-def _ms_per_image(target: str, threads: int) -> float:
-    """One measurement in a fresh process: bench's child for a bundle, perf's for a run."""
+def _ms_per_image(target: str, threads: int, bundle: str) -> float:
+    """One measurement in a fresh process: bench's child for a bundle, perf's for a run (its
+    whole-latent denoiser on the bundle's latent geometry)."""
     if target.endswith(".rissole"):
         r = run_child({"bundle": target, "threads": threads, "steps": STEPS, "images": perf.BATCH})
         return 1e3 / r["batched_images_per_s"]
-    return 1e3 * perf.spawn("whole_ort", target, STEPS, threads)["per_image_s"]
+    return 1e3 * perf.spawn("whole_ort", bundle=bundle, config=target, steps=STEPS, threads=threads)["per_image_s"]
 
 
 def main() -> None:
@@ -44,7 +45,7 @@ def main() -> None:
     times: dict[tuple[str, int], list[float]] = {(t, n): [] for t in targets for n in args.threads}
     for _ in range(args.rounds):
         for key in times:
-            times[key].append(_ms_per_image(*key))
+            times[key].append(_ms_per_image(*key, args.bundle))
     out = []
     for (target, threads), ms in times.items():
         median = statistics.median(ms)

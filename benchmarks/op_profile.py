@@ -1,7 +1,10 @@
 """Where one denoiser call spends its time, before and after each graph rewrite.
 
-    python benchmarks/profile.py [--bundle models/fashion-mnist.rissole ...] [--blocks 256]
-                                 [--rounds 15] [--markdown benchmarks/results/profile.md]
+    python benchmarks/op_profile.py [--bundle models/fashion-mnist.rissole ...] [--git-rev REV]
+                                    [--blocks 256] [--rounds 15] [--markdown benchmarks/results/profile.md]
+
+--git-rev takes the shipped bundles as committed at REV (e.g. 3055a17, before the shipped
+bundles were rewritten), so that the "before" tables can be made again at any time.
 
 For each bundle's denoiser: the graph as shipped, each rewrite of export/graph.py on its own,
 and all of the default rewrites together. Each variant gets onnxruntime's profiler (one
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +32,7 @@ from rissole_edge.bundle import Bundle, Spec
 from rissole_export import graph
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
-PROFILED_CALLS = 5
+PROFILED_CALLS = 15
 
 
 def _feeds(spec: Spec, blocks: int, names: set[str]) -> dict[str, np.ndarray]:
@@ -62,8 +66,9 @@ def _kind(event: dict) -> str:
 
 
 def op_shares(model: bytes, feeds: dict) -> dict:
-    """Per-op-type share of kernel time over PROFILED_CALLS calls, and the kernels' share of
-    the whole call (the rest is the executor between kernels)."""
+    """Per-op-type share of kernel time, and the kernels' share of the whole call (the rest
+    is the executor between kernels). Each kernel counts with its median over PROFILED_CALLS
+    calls, so that a call slowed by other work on the machine does not skew the shares."""
     with tempfile.TemporaryDirectory() as tmp:
         sess = _session(model, tmp)
         sess.run(None, feeds)                       # warm-up, dropped below
@@ -72,16 +77,19 @@ def op_shares(model: bytes, feeds: dict) -> dict:
         events = json.loads(Path(sess.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"][1:]
     first = runs[0]["ts"]
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first]
+    per_kernel: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= first:
+            per_kernel[(_kind(e), e["name"])].append(e["dur"])
     by_kind: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
-    for e in kernels:
-        by_kind[_kind(e)] += e["dur"]
-        counts[_kind(e)] += 1
+    for (kind, _), durations in per_kernel.items():
+        by_kind[kind] += float(np.median(durations))
+        counts[kind] += 1
     total = sum(by_kind.values())
-    call = sum(r["dur"] for r in runs)
-    return {"kernel_share_of_call": total / call, "kernels_per_call": len(kernels) // len(runs),
-            "ops": {k: {"share": v / total, "kernels_per_call": counts[k] // len(runs)}
+    call = float(np.median([r["dur"] for r in runs]))
+    return {"kernel_share_of_call": total / call, "kernels_per_call": len(per_kernel),
+            "ops": {k: {"share": v / total, "kernels_per_call": counts[k]}
                     for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}}
 
 
@@ -113,10 +121,12 @@ def profile_bundle(path: Path, blocks: int, rounds: int) -> dict:
     out = {}
     for name, model in variants.items():
         same = np.array_equal(reference, _session(model).run(None, feeds)[0])
-        out[name] = {"call_ms": times[name] * 1e3, "ratio_to_shipped": times[name] / times["as shipped"],
-                     "bit_identical": bool(same), "onnx_bytes": len(model), **op_shares(model, feeds)}
-    return {"bundle": str(path), "rewrites_already_applied": bundle.manifest.get("graph_rewrites", []),
-            "blocks_per_call": blocks, "macs_per_block": sum(graph.node_macs(shipped, shapes).values()),
+        out[name] = {"unchanged": name != "as shipped" and model == shipped, "call_ms": times[name] * 1e3,
+                     "ratio_to_shipped": times[name] / times["as shipped"], "bit_identical": bool(same), "onnx_bytes": len(model), **op_shares(model, feeds)}
+    record = bundle.manifest.get("graph", {})
+    return {"bundle": path.name, "rewrites_already_applied": record.get("denoiser_rewrites", []),
+            "blocks_per_call": blocks,
+            "macs_per_block": record.get("denoiser_macs_per_block") or sum(graph.node_macs(shipped, shapes).values()),
             "variants": out}
 
 
@@ -125,15 +135,16 @@ def markdown(results: list[dict], command: str) -> str:
              f"Made by `{command}` (prints JSON); one intra-op thread, calls of "
              f"{results[0]['blocks_per_call']} blocks; call times are medians of interleaved rounds on a "
              "shared 2-core machine (other work was running: compare the ratios, not the milliseconds). "
-             "Shares are of onnxruntime's profiled kernel time; `kernels` is the kernels' share of the whole "
-             "call. Every rewrite is bit-identical (checked here and in tests/test_graph.py).", ""]
+             "Shares are of onnxruntime's profiled kernel time (each kernel's median over "
+             f"{PROFILED_CALLS} calls). Every rewrite is bit-identical (checked here and in tests/test_graph.py).", ""]
     for r in results:
         lines += [f"## {Path(r['bundle']).name}", "",
                   f"{r['macs_per_block'] / 1e6:.2f} M MACs per block per call.", "",
-                  "| variant | call ms | ratio | bit-identical | ONNX bytes | kernels |", "|---|---|---|---|---|---|"]
+                  "| variant | call ms | ratio | bit-identical | ONNX bytes |", "|---|---|---|---|---|"]
         for name, v in r["variants"].items():
-            lines.append(f"| {name} | {v['call_ms']:.1f} | {v['ratio_to_shipped']:.2f} | {v['bit_identical']} | "
-                         f"{v['onnx_bytes']:,} | {v['kernel_share_of_call']:.0%} |")
+            label = f"{name} (nothing to rewrite: the same graph)" if v["unchanged"] else name
+            lines.append(f"| {label} | {v['call_ms']:.1f} | {v['ratio_to_shipped']:.2f} | {v['bit_identical']} | "
+                         f"{v['onnx_bytes']:,} |")
         kinds = list(dict.fromkeys(k for v in r["variants"].values() for k in v["ops"]))
         names = list(r["variants"])
         lines += ["", "Share of kernel time by op type (kernels per call in brackets):", "",
@@ -148,19 +159,32 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
+def _from_git(rev: str, bundle: Path, folder: Path) -> Path:
+    """The bundle's file as committed at `rev`, written into `folder`."""
+    relative = bundle.resolve().relative_to(MODELS.parent)
+    out = folder / bundle.name
+    out.write_bytes(subprocess.run(["git", "show", f"{rev}:{relative}"], cwd=MODELS.parent, check=True,
+                                   capture_output=True).stdout)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, action="append",
                         help="default: the shipped fashion-mnist and twemoji bundles")
+    parser.add_argument("--git-rev", help="profile the shipped bundles as committed at this revision")
     parser.add_argument("--blocks", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args()
     bundles = args.bundle or [MODELS / "fashion-mnist.rissole", MODELS / "twemoji.rissole"]
-    results = [profile_bundle(b, args.blocks, args.rounds) for b in bundles]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.git_rev:
+            bundles = [_from_git(args.git_rev, b, Path(tmp)) for b in bundles]
+        results = [profile_bundle(b, args.blocks, args.rounds) for b in bundles]
     print(json.dumps(results, indent=1))
     if args.markdown:
-        command = "python benchmarks/profile.py " + " ".join(sys.argv[1:])
+        command = "python benchmarks/op_profile.py " + " ".join(sys.argv[1:])
         tmp = args.markdown.with_name(args.markdown.name + ".partial")
         tmp.write_text(markdown(results, command))
         tmp.replace(args.markdown)

@@ -2,7 +2,7 @@
 
 Why rewrite at all: the denoiser runs on blocks of 4x4 or 8x8 latents, whose maps shrink to
 2x2 inside the UNet. On maps that small, onnxruntime's CPU kernels spend their time on
-per-channel broadcasts and on convolution padding, not on arithmetic (benchmarks/profile.py).
+per-channel broadcasts and on convolution padding, not on arithmetic (benchmarks/op_profile.py).
 Every rewrite here is exact: it changes how the same numbers are computed, never which, so the
 rewritten graph's outputs are bit-identical to the original's (tests/test_graph.py proves it
 on every rewrite) and a shipped bundle can be rewritten without its training run.
