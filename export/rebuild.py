@@ -15,6 +15,7 @@ import onnxruntime as ort
 from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import DataError, UsageError
+from rissole_edge.generator import Generator
 from rissole_edge.images import from_uint8
 from rissole_edge.retrieval import keys_of
 
@@ -24,12 +25,11 @@ from .config import DatabaseConfig, DataConfig
 SEED = 0
 
 
-def _encode(encoder: bytes, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sess = ort.InferenceSession(encoder, providers=["CPUExecutionProvider"])
+def _encode(encoder: ort.InferenceSession, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     latents, codes = [], []
     for i in range(0, len(pixels), 256):
         x = from_uint8(pixels[i:i + 256])
-        z, c = sess.run(["latent", "codes"], {"image": x})
+        z, c = encoder.run(["latent", "codes"], {"image": x})
         latents.append(z)
         codes.append(c)
     return np.concatenate(latents), np.concatenate(codes)
@@ -52,7 +52,8 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
     if len(images.train) < spec.window + 2:
         raise DataError(f"{len(images.train)} images are too few for a database: need at least {spec.window + 2}")
     log(f"encoding {len(images.train)} images with the bundle's encoder")
-    latents, codes = _encode(source.read("encoder.onnx"), images.train)
+    with Generator.open(source) as gen:     # the runtime's checks: no external data in the encoder
+        latents, codes = _encode(gen.encoder_session(), images.train)
     r = m["retrieval"]
     defaults = DatabaseConfig()
     db_cfg = DatabaseConfig(key=spec.key, key_dim=spec.key_dim, window=spec.window,

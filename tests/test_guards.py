@@ -16,6 +16,9 @@ from rissole_edge.index_guard import check_index
 from rissole_edge.onnx_guard import check_self_contained
 from rissole_export import pack
 from rissole_export.database import index_bytes
+from rissole_export.rebuild import build_db
+
+from conftest import SAMPLE
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist.rissole"
 
@@ -97,6 +100,16 @@ def test_a_bundle_whose_denoiser_references_external_data_does_not_open(tmp_path
     crafted = _repacked(tmp_path, {"denoiser.onnx": model.SerializeToString()})
     with pytest.raises(BundleError, match="denoiser references external data"):
         Generator.open(crafted)
+
+
+def test_build_db_refuses_an_encoder_that_references_external_data(tmp_path):
+    """build-db runs the bundle's encoder on new images: through the runtime's checked session."""
+    model = onnx.load_from_string(Bundle.open(SHIPPED).read("encoder.onnx"))
+    _external(model.graph.initializer[0])
+    crafted = _repacked(tmp_path, {"encoder.onnx": model.SerializeToString()})
+    with pytest.raises(BundleError, match="encoder references external data"):
+        build_db(crafted, SAMPLE, tmp_path / "rebuilt.rissole", log=lambda _: None)
+    assert not (tmp_path / "rebuilt.rissole").exists()
 
 
 # ----------------------------------------------------------------------------- HNSW index
