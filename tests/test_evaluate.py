@@ -152,6 +152,11 @@ def test_reference_features_are_computed_once_and_keyed_by_the_pixels(monkeypatc
     assert np.array_equal(cached_features(images), first) and calls == [5, 5, 5]
 
 
+def _is_share_of(value: float, count: int) -> bool:
+    """A share of `count` images: k / count for a whole k from 0 to count."""
+    return 0 <= value * count <= count and abs(value * count - round(value * count)) < 1e-6
+
+
 def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     lines = []
     result = evaluate(tiny_bundle, n=20, data=str(SAMPLE), steps=10, seed=0, log=lines.append)
@@ -170,11 +175,15 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     assert None not in (result["seam_ratio_generated"], result["seam_ratio_reference"],
                         result["seam_ratio_reconstructed"])
     assert result["copying_method"] == "autoencoder round trip" and result["copying_radius_median"] > 0
-    for key in ("copying_score", "copying_score_test", "block_agreement_generated", "block_agreement_test",
-                "block_agreement_reconstructed"):
-        assert 0 <= result[key] <= 1, key
-    assert result["copying_test_images"] > 0
-    assert 0 <= result["label_accuracy"] <= 1 and 0 <= result["classifier_test_accuracy"] <= 1
+    unseen = result["copying_test_images"]
+    assert unseen > 0
+    # Each share counts whole images of its own set: generated (n), unseen test images, their round trips.
+    for key, count in (("copying_score", 20), ("block_agreement_generated", 20), ("copying_score_test", unseen),
+                       ("block_agreement_test", unseen), ("block_agreement_reconstructed", unseen)):
+        assert _is_share_of(result[key], count), (key, result[key], count)
+    per_label = result["label_accuracy_per_label"]
+    assert per_label and all(_is_share_of(v, 20) for v in per_label.values())      # 20 images per label
+    assert result["label_accuracy"] == pytest.approx(sum(per_label.values()) / len(per_label))
     assert lines, "evaluate reports progress through log"
 
 
