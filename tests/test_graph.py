@@ -101,6 +101,7 @@ def _torch_macs(net: UNet, feeds: dict) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_shipped_geometry_counts_8_43_m_macs_like_the_torch_module() -> None:
     """The fashion recipe's denoiser (random weights: the count depends on shapes only), counted
     on its ONNX graph and by torch hooks; ONNX shape inference alone loses most convolutions."""

