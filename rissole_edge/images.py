@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +13,14 @@ from PIL import Image
 FITS = ("pad", "crop", "stretch")
 
 
-def fit(im: Image.Image, size: int, channels: int, background: str, policy: str = "crop") -> np.ndarray:
+def fit(im: Image.Image, size: int, channels: int, background: str, policy: str = "pad") -> np.ndarray:
     """The one preprocessing of training images and of `--like` queries, so that both land in
     the same latent space: composite transparency on `background`, convert to grey or RGB, then
     make the image a `size` square by `policy`:
 
-    - "crop": centre-crop to a square, resize to `size` (the runtime's way with queries);
-    - "pad": an image that fits inside the square is centred on its own edge colour (nothing
-      is resampled); a larger one is cropped as above (data.fit's default for training);
+    - "pad" (the default, as for training: data.fit): an image that fits inside the square is
+      centred on its own edge colour (nothing is resampled); a larger one is cropped as below;
+    - "crop": centre-crop to a square, resize to `size`;
     - "stretch": resize to the square, ignoring the aspect ratio.
 
     Returns uint8 (size, size, channels); raises ValueError (or TypeError) for a background
@@ -87,7 +86,7 @@ def save_png(image: Image.Image, path: Path) -> None:
     umask gives a new file (mkstemp would force 0600): the temp file is created by os.open
     with mode 0666, which the kernel masks, then renamed over the target."""
     path = Path(path)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(6)}-{path.name}")
+    tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(6).hex()}-{path.name}")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
             image.save(f, format="PNG")

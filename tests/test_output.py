@@ -148,3 +148,11 @@ def test_export_warns_when_int8_is_a_poor_trade():
     advice = _int8_advice({"int8_vs_fp32_psnr_mean": 17.0, "int8_speedup": 0.8})
     assert "17.0 dB" in advice and "0.80x" in advice and "--quantize fp32" in advice
     assert "--quantize fp32" in _int8_advice({"int8_vs_fp32_psnr_mean": 30.0, "int8_speedup": 0.9})
+
+
+def test_like_queries_are_fitted_as_training_images_are_by_default():
+    """A 28x28 query for a 32x32 model is padded on its edge colour, as data.fit = "pad" trains."""
+    small = np.zeros((28, 28), np.uint8)
+    small[5:20, 5:20] = 180
+    fitted = images.fit(Image.fromarray(small), 32, 1, "#ffffff")[..., 0]
+    assert np.array_equal(fitted[2:30, 2:30], small) and fitted[:2].max() == 0
