@@ -56,6 +56,7 @@ class Plan:
     images_per_decode: int
     budget: int | None
     images_per_group: int = 1 << 30   # images generated together; bounded under a budget
+    passes: int = 1            # denoiser rows per block per call (2: guidance's cond + uncond rows)
 
     def describe(self) -> str:
         return (f"{self.blocks_per_call} blocks per denoiser call, {self.images_per_decode} images per "
@@ -73,19 +74,21 @@ def check_before_loading(budget: int | None, load_bytes: int) -> None:
                          f"at least {mb(need)}")
 
 
-def make_plan(budget: int | None, block_bytes: int, image_bytes: int, positions: int) -> Plan:
-    """Blocks per call and images per decode that fit next to what the process holds now."""
+def make_plan(budget: int | None, block_bytes: int, image_bytes: int, positions: int, passes: int = 1) -> Plan:
+    """Blocks per call and images per decode that fit next to what the process holds now; a
+    block costs `passes` rows of a denoiser call (2 under guidance: cond and uncond together)."""
     if budget is None:
         # Groups stay bounded even without a budget, so that a caller gets finished images as it
         # goes (the CLI writes them), while one group still fills a whole denoiser call.
-        return Plan(MAX_BATCH_BLOCKS, 16, None, max(IMAGES_PER_GROUP, MAX_BATCH_BLOCKS // max(positions, 1)))
+        return Plan(MAX_BATCH_BLOCKS // passes, 16, None,
+                    max(IMAGES_PER_GROUP, MAX_BATCH_BLOCKS // max(positions, 1)), passes)
     now, peak = rss()
     base = max(now, peak)
-    minimum = base + block_bytes + image_bytes + MARGIN
+    minimum = base + passes * block_bytes + image_bytes + MARGIN
     if budget < minimum:
         raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: "
                          f"at least {mb(minimum)}")
     free = budget - base - MARGIN
-    blocks = max(1, min(MAX_BATCH_BLOCKS, (free - image_bytes) // max(block_bytes, 1)))
+    blocks = max(1, min(MAX_BATCH_BLOCKS, (free - image_bytes) // max(block_bytes, 1)) // passes)
     images = max(1, min(16, free // max(image_bytes, 1), blocks // max(positions, 1) or 1))
-    return Plan(int(blocks), int(images), budget, IMAGES_PER_GROUP)
+    return Plan(int(blocks), int(images), budget, IMAGES_PER_GROUP, passes)

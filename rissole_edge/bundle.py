@@ -29,9 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from . import ed25519
+from . import ed25519, sampler
 from .errors import RissoleError
-from .schedule import SCHEDULES
 
 MAGIC = b"RISSOLE\0"
 FORMAT_VERSION = 1
@@ -191,7 +190,21 @@ def _field(manifest: dict, path: str, kind: type, low: float | None = None, high
     return value
 
 
+def _optional(manifest: dict, path: str, kind: type, default: Any, low: float | None = None,
+              high: float | None = None) -> Any:
+    """A field older bundles may lack: `default` when absent, checked like `_field` when present."""
+    head, _, key = path.rpartition(".")
+    node = manifest.get(head) if head else manifest
+    if head and head in manifest and not isinstance(node, dict):
+        raise BundleError(f"bundle manifest field {head} is not a table ({node!r})")
+    if not isinstance(node, dict) or key not in node:
+        return default
+    return _field(manifest, path, kind, low, high)
+
+
 MAX_GUIDANCE = 20.0
+DEFAULT_SAMPLER = "ddim"      # what bundles that recommend no sampler or step count get
+DEFAULT_STEPS = 50
 
 
 @dataclass(frozen=True)
@@ -219,6 +232,8 @@ class Spec:
     block_bytes: int
     image_bytes: int
     guidance: float              # the exporter's recommended guidance scale (1 when it names none)
+    sampler: str                 # the recommended sampler and step count (ddim, 50 when it names none)
+    steps: int
 
     @property
     def positions(self) -> int:
@@ -248,11 +263,19 @@ class Spec:
             labels=tuple(_field(m, "dataset.labels", list)),
             block_bytes=_field(m, "memory.block_bytes", int, 1, 1 << 34),
             image_bytes=_field(m, "memory.image_bytes", int, 1, 1 << 34),
-            guidance=_field(m, "sampling.guidance", float, 0, MAX_GUIDANCE) if "sampling" in m else 1.0,
+            guidance=_optional(m, "sampling.guidance", float, 1.0, 0, MAX_GUIDANCE),
+            sampler=_optional(m, "sampling.sampler", str, DEFAULT_SAMPLER),
+            steps=_optional(m, "sampling.steps", int, DEFAULT_STEPS, 1, 100000),
         )
+        if spec.sampler not in sampler.SAMPLERS:
+            raise BundleError(f"bundle manifest field sampling.sampler is {spec.sampler!r}, "
+                              f"not a sampler this rissole-edge has ({sampler.names()}): upgrade rissole-edge")
+        if spec.steps > spec.timesteps:
+            raise BundleError(f"bundle manifest field sampling.steps is {spec.steps}, more than the schedule's "
+                              f"{spec.timesteps} timesteps")
         key_ok = spec.key == "latent" or (re.fullmatch(r"block:[0-9]{1,4}", spec.key) is not None
                                           and int(spec.key[6:]) < spec.positions)
         if not key_ok or spec.block_side * spec.blocks_per_side != spec.latent_side or spec.window < spec.k \
-                or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in SCHEDULES:
+                or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in ("linear", "cosine"):
             raise BundleError("bundle manifest geometry is inconsistent")
         return spec

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from importlib import resources
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from . import blocks, budget, rng, sampler, shipped
+from . import blocks, budget, rng, sampler
+from .preview import Preview, PreviewFn, default_every
 from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
@@ -27,24 +29,16 @@ from .retrieval import Database
 from .schedule import alphas_cumprod
 
 MAX_IMAGES = 10_000
-DEFAULT_STEPS = 50
+DEFAULT_MODEL = "fashion-mnist"
 Progress = Callable[[int, int], None]
-GroupDone = Callable[[int, np.ndarray], None]
 
 
 @dataclass(frozen=True)
 class Query:
-    """What an image is generated "from": a database entry, an image, or a class label (at most
-    one: the CLI refuses two of --query-id, --like and --label, and so does the API, instead of
-    silently letting one win)."""
+    """What an image is generated "from": a database entry, an image, or a class label."""
     entry: int | None = None
     like: str | Path | Image.Image | None = None
     label: str | None = None
-
-    def __post_init__(self) -> None:
-        given = [name for name in ("entry", "like", "label") if getattr(self, name) is not None]
-        if len(given) > 1:
-            raise UsageError(f"a Query takes at most one of entry, like and label, got {' and '.join(given)}")
 
 
 def _session(model: bytes, name: str, threads: int, low_memory: bool, spin: bool) -> ort.InferenceSession:
@@ -108,7 +102,8 @@ class Generator:
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
         self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
-        self.plan = budget.make_plan(memory_budget, spec.block_bytes, spec.image_bytes, spec.positions)
+        self.plan = budget.make_plan(memory_budget, spec.block_bytes, spec.image_bytes, spec.positions,
+                                     passes=self._passes(spec.guidance))
         self._lock = threading.Lock()
         self._closed = False
 
@@ -116,8 +111,7 @@ class Generator:
     def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
              threads: int | None = None, trusted_keys: list[bytes] | None = None,
              spin: bool = True) -> "Generator":
-        """Open a bundle (a .rissole path or a shipped name such as "twemoji"; default: the
-        shipped default) within a memory budget
+        """Open a bundle (default: the one shipped with the package) within a memory budget
         (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit. With
         `trusted_keys` (Ed25519 public keys), refuses bundles not signed by one of them.
         `spin=False` lets onnxruntime's idle threads sleep rather than busy-wait between the many
@@ -131,7 +125,7 @@ class Generator:
             if trusted_keys is not None and bundle.signer not in trusted_keys:
                 raise BundleError("this bundle is not signed by a trusted key")
         else:
-            bundle = Bundle.open(shipped.resolve(path), trusted_keys)
+            bundle = Bundle.open(path if path is not None else default_bundle(), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         load = sum(m.size for m in bundle.members.values())
         budget.check_before_loading(budget_bytes, 4 * load)   # bytes read, parsed copies, live objects
@@ -151,24 +145,27 @@ class Generator:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, n: int = 1, seed: int = 0, steps: int = DEFAULT_STEPS, sampler_name: str = "ddim",
+    def generate(self, n: int = 1, seed: int = 0, steps: int | None = None, sampler_name: str | None = None,
                  query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
-                 as_array: bool = False, first_index: int = 0,
-                 on_group: GroupDone | None = None) -> list[Image.Image] | np.ndarray:
+                 as_array: bool = False, first_index: int = 0, on_preview: PreviewFn | None = None,
+                 preview_every: int | None = None) -> list[Image.Image] | np.ndarray:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
-        `guidance` None uses the scale the bundle recommends (its exporter measured what suits the
-        model), 1 when it names none.
+        `guidance`, `steps` and `sampler_name` None use what the bundle recommends (its exporter
+        measured what suits the model; `info` shows it); bundles that name none get guidance 1 and
+        50 ddim steps. `sampler.SAMPLERS` lists the samplers.
 
-        Images are made in groups (`plan.images_per_group`). As each group is decoded,
-        `on_group(index of its first image, uint8 pixels (len, H, W, C))` gets it, so that a
-        caller can save finished work before the rest is done (the CLI writes PNGs there, and an
-        interrupt keeps them); then `on_progress(images done, n)` counts images.
+        `on_preview(steps done, uint8 images (n, H, W, C))` receives the decoded x0 prediction of
+        all n images every `preview_every` steps (default: about ten per run) and at the last.
 
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
         pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
         guidance = self.spec.guidance if guidance is None else guidance
+        steps = self.spec.steps if steps is None else steps
+        sampler_name = self.spec.sampler if sampler_name is None else sampler_name
         self._check(n, steps, sampler_name, guidance, seed)
+        if preview_every is not None and (not isinstance(preview_every, int) or preview_every < 1):
+            raise UsageError(f"preview_every must be a positive number of steps, got {preview_every}")
         if not isinstance(first_index, int) or not 0 <= first_index < 2 ** 62:
             raise UsageError(f"first_index must be a non-negative integer, got {first_index}")
         query = query or Query()
@@ -178,16 +175,19 @@ class Generator:
             # Images go through in groups so that what is held per image stays bounded too.
             size = self.plan.images_per_group
             groups = [list(range(a, min(a + size, first_index + n))) for a in range(first_index, first_index + n, size)]
+            calls = [-(-len(g) * self.spec.positions // self.plan.blocks_per_call) * steps for g in groups]
             pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
-            for ids in groups:
+            preview = None if on_preview is None else Preview(
+                on_preview, preview_every or default_every(steps), steps, first_index,
+                (n, self.spec.positions, self.spec.latent_channels, self.spec.block_side, self.spec.block_side),
+                self._decode)
+            for g, ids in enumerate(groups):
+                report = None if on_progress is None else \
+                    (lambda done, _total, before=sum(calls[:g]): on_progress(before + done, sum(calls)))
                 cond = self._conditions(ids, seed, query)
-                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance)
+                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, report, preview)
                 start = ids[0] - first_index
                 pixels[start:start + len(ids)] = self._decode(latents)
-                if on_group is not None:
-                    on_group(ids[0], pixels[start:start + len(ids)])
-                if on_progress is not None:
-                    on_progress(start + len(ids), n)
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
@@ -196,7 +196,7 @@ class Generator:
         if not isinstance(steps, int) or not 1 <= steps <= self.spec.timesteps:
             raise UsageError(f"steps must be between 1 and {self.spec.timesteps}, got {steps}")
         if sampler_name not in sampler.SAMPLERS:
-            raise UsageError(f"unknown sampler {sampler_name!r}; choose {' or '.join(sampler.SAMPLERS)}")
+            raise UsageError(f"unknown sampler {sampler_name!r}; choose {sampler.names()}")
         if not 0 <= guidance <= MAX_GUIDANCE:
             raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
@@ -256,15 +256,22 @@ class Generator:
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own
 
+    def _passes(self, guidance: float) -> int:
+        """Denoiser rows per block per step: guidance runs the conditional and the unconditional
+        pass of a block in the same call, so the memory planner must count both."""
+        return 2 if self.spec.k and guidance != 1.0 else 1
+
     def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
-                 guidance: float) -> np.ndarray:
+                 guidance: float, on_progress: Progress | None, preview: Preview | None = None) -> np.ndarray:
         """All n*P blocks, in chunks of `plan.blocks_per_call`, each chunk run through every step.
         Work items are (row, position); row r is image number ids[r]."""
         spec = self.spec
         shape = (spec.positions, spec.latent_channels, spec.block_side, spec.block_side)
         work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
-        chunk = self.plan.blocks_per_call
+        # A plan made for unguided calls holds half as many guided blocks (two rows each).
+        chunk = max(1, self.plan.blocks_per_call * self.plan.passes // self._passes(guidance))
         out = np.empty((len(ids),) + shape, np.float32)
+        total, done = -(-len(work) // chunk) * steps, 0
         for start in range(0, len(work), chunk):
             items = work[start:start + chunk]
             img = np.array([i for i, _ in items])
@@ -272,22 +279,35 @@ class Generator:
             x = np.stack([rng.initial_noise(seed, ids[r], shape)[p] for r, p in items])
             c = np.stack([cond[r, p] for r, p in items]) if cond is not None else None
 
-            def run(xt: np.ndarray, t: np.ndarray, cond_blocks: np.ndarray | None) -> np.ndarray:
-                feeds = {"x": xt, "t": t, "pos": pos, "cond": cond_blocks}
-                return _run(self.denoiser, "denoiser", ["eps"],
-                            {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
+            guided = c is not None and guidance != 1.0
+            both_pos = np.concatenate([pos, pos]) if guided else pos
+            both_c = np.concatenate([c, np.zeros_like(c)]) if guided else c
 
             def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
-                eps = run(xt, t, c)
-                if c is not None and guidance != 1.0:
-                    uncond = run(xt, t, np.zeros_like(c))
+                if guided:     # conditional and unconditional rows in one call, split after
+                    xt, t = np.concatenate([xt, xt]), np.concatenate([t, t])
+                feeds = {"x": xt, "t": t, "pos": both_pos, "cond": both_c}
+                eps = _run(self.denoiser, "denoiser", ["eps"],
+                           {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
+                if guided:
+                    eps, uncond = eps[:len(eps) // 2], eps[len(eps) // 2:]
                     eps = uncond + guidance * (eps - uncond)
                 return eps
 
             def noise_fn(step: int) -> np.ndarray:
                 return np.stack([rng.step_noise(seed, ids[r], step, shape)[p] for r, p in items])
 
-            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn)
+            numbers = np.array([ids[r] for r in img])
+
+            def tick(step: int, x0: np.ndarray, numbers: np.ndarray = numbers, pos: np.ndarray = pos) -> None:
+                nonlocal done
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+                if preview is not None:
+                    preview.update(numbers, pos, step, x0)
+
+            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, tick)
             out[img, pos] = x
         return out
 
@@ -300,3 +320,15 @@ class Generator:
             out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
 
+
+def shipped_bundle(name: str) -> Path:
+    """Where the bundle `name` shipped with the package lives (it may be absent)."""
+    return Path(str(resources.files("rissole_edge.models").joinpath(f"{name}.rissole")))
+
+
+def default_bundle() -> Path:
+    """The default bundle shipped inside the package, if one is installed."""
+    path = shipped_bundle(DEFAULT_MODEL)
+    if not path.exists():
+        raise UsageError("no default bundle is installed: pass -m BUNDLE (make one with 'rissole-edge export')")
+    return path

@@ -17,7 +17,8 @@ FIELDS = ["image.size", "image.channels", "latent.channels", "latent.side", "lat
           "latent.codebook_size", "blocks.per_side", "blocks.side", "retrieval.k", "retrieval.window",
           "retrieval.key", "retrieval.key_dim", "retrieval.ef", "retrieval.images", "schedule.kind",
           "schedule.timesteps", "schedule.beta_start", "schedule.beta_end", "dataset.labels",
-          "memory.block_bytes", "memory.image_bytes", "image.background", "members"]
+          "memory.block_bytes", "memory.image_bytes", "image.background", "sampling.guidance",
+          "sampling.sampler", "sampling.steps", "sampling", "members"]
 VALUES = [None, -1, 0, 1, 2 ** 31, 2 ** 62, -(2 ** 63), 1.5, float("nan"), "x", "", [], {}, [1, 2], True,
           "../../etc/passwd", 10 ** 30, "block:x", "block:99", "block:1"]
 
