@@ -31,6 +31,7 @@ import numpy as np
 
 from . import ed25519, sampler
 from .errors import RissoleError
+from .schedule import SCHEDULES
 
 MAGIC = b"RISSOLE\0"
 FORMAT_VERSION = 1
@@ -276,6 +277,6 @@ class Spec:
         key_ok = spec.key == "latent" or (re.fullmatch(r"block:[0-9]{1,4}", spec.key) is not None
                                           and int(spec.key[6:]) < spec.positions)
         if not key_ok or spec.block_side * spec.blocks_per_side != spec.latent_side or spec.window < spec.k \
-                or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in ("linear", "cosine"):
+                or not all(isinstance(x, str) for x in spec.labels) or spec.schedule not in SCHEDULES:
             raise BundleError("bundle manifest geometry is inconsistent")
         return spec

@@ -16,6 +16,7 @@ import typer
 
 from . import sampler as _samplers
 from .errors import RissoleError, ToolchainMissing
+from .shipped import help_text as _bundle_help
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="On-device image generation with a retrieval-guided block diffusion model.")
@@ -28,7 +29,7 @@ def _toolchain():
         import rissole_export
     except ImportError as e:
         raise ToolchainMissing(f"this command needs the toolchain ({e.name} is missing): "
-                               "pip install 'rissole-edge[export]'") from None
+                               "pip install '.[export]' in a clone of rissole-edge") from None
     return rissole_export
 
 
@@ -47,35 +48,39 @@ def train(
     max_minutes: Optional[float] = typer.Option(None, help="Checkpoint and stop after this many minutes."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
     reuse: Optional[Path] = typer.Option(None, "--reuse", help="Start from this finished run's autoencoder and database (same data, autoencoder and database settings): for denoiser variants."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side in pixels (data.size; default 32, 64 for twemoji): every image is fitted to it (data.fit)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout (progress and the estimate stay on stderr)."),
 ) -> None:
-    """Train a run: VQ autoencoder -> neighbour database -> block denoiser (toolchain extra)."""
+    """Train a run: VQ autoencoder -> neighbour database -> block denoiser (toolchain extra).
+
+    Prints an estimate of the whole run before it starts, then per-stage progress with an ETA
+    (log lines when piped)."""
     _toolchain()
     from rissole_export.train import train as run_training
 
-    summary = run_training(data, out, preset, config_file, stage, max_minutes, resume, reuse=reuse)
-    if json_out:
-        typer.echo(json.dumps(summary, indent=2))
-    else:
-        for key, value in summary.items():
-            typer.echo(f"{key}: {value}")
+    summary = run_training(data, out, preset, config_file, stage, max_minutes, resume, reuse=reuse, size=size,
+                           log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(json.dumps(summary, indent=2) if json_out else "\n".join(_flat_lines(summary)))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
 
-def _bundle_path(model: Optional[str]) -> Optional[Path]:
-    """-m takes a bundle file, or the name of a bundle shipped with the package."""
-    from .generator import shipped_bundle
-
-    if model is None:
-        return None
-    shipped = shipped_bundle(model) if "/" not in model and not model.endswith(".rissole") else None
-    return shipped if shipped is not None and not Path(model).exists() and shipped.exists() else Path(model)
+def _flat_lines(summary: dict, prefix: str = "") -> list[str]:
+    """A nested summary as `key.sub: value` lines: readable, greppable, no Python reprs."""
+    lines = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            lines += _flat_lines(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            lines.append(f"{prefix}{key}: {value:.4g}")
+        else:
+            lines.append(f"{prefix}{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}")
+    return lines
 
 
 @app.command()
 def generate(
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Bundle file or shipped bundle name (default: the shipped default)."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=_bundle_help() + " Default: the first."),
     n: int = typer.Option(4, "-n", help="Number of images."),
     seed: int = typer.Option(0, "--seed", help="Same bundle, seed and settings -> same images."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Sampling steps, i.e. denoiser calls per block (1 to the schedule's T; default: the bundle's recommended count, see info, else 50)."),
@@ -84,8 +89,9 @@ def generate(
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="--no-spin: idle threads sleep instead of busy-waiting: less CPU, a little slower."),
-    out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs."),
+    out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs (seedS-NNNN.png), written group by group."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs of the same names (default: refuse before any work)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Generate images like this one (retrieval by image)."),
     query_id: Optional[int] = typer.Option(None, "--query-id", help="Condition on this database entry's neighbours."),
     label: Optional[str] = typer.Option(None, "--label", help="Only neighbours of this class (bundles with labels)."),
@@ -100,33 +106,37 @@ def generate(
     from . import budget
     from .errors import UsageError
     from .generator import Generator, Query
+    from .output import ImageWriter
     from .preview import grid_file as preview_grid
     from .progress import Progress
 
     if sum(x is not None for x in (like, query_id, label)) > 1:
         raise UsageError("choose at most one of --like, --query-id and --label")
-    _check_writable(out, grid_file)
+    writer = ImageWriter(out, seed, grid_file)
+    writer.check(n, overwrite)
     on_preview = preview_grid(preview) if preview is not None else None
     t0 = time.perf_counter()
-    with Generator.open(_bundle_path(model), memory_budget=memory_budget, threads=threads,
+    with Generator.open(model, memory_budget=memory_budget, threads=threads,
                         trusted_keys=_trusted(trusted_key), spin=spin) as gen:
         t_open = time.perf_counter() - t0
-        bar = Progress(1, "generate", enabled=None if not json_out else False)
-
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done)
-
+        bar = Progress(n, "images", enabled=None if not json_out else False)
         t1 = time.perf_counter()
-        pictures = gen.generate(n, seed=seed, steps=steps, sampler_name=sampler_name, guidance=guidance,
-                                query=Query(entry=query_id, like=like, label=label), on_progress=progress,
-                                on_preview=on_preview, preview_every=preview_every)
+        try:
+            pictures = gen.generate(n, seed=seed, steps=steps, sampler_name=sampler_name, guidance=guidance,
+                                    query=Query(entry=query_id, like=like, label=label),
+                                    on_group=writer.write_group, on_progress=lambda done, _n: bar.update(done),
+                                    on_preview=on_preview, preview_every=preview_every)
+        except KeyboardInterrupt:
+            bar.close()
+            typer.echo(f"interrupted: {writer.summary()}", err=True)
+            raise typer.Exit(130)
         bar.close()
         t_gen = time.perf_counter() - t1
         plan = gen.plan.describe()
-    written = _write_images(pictures, out, seed, grid_file)
+    writer.write_grid(pictures)
+    written = writer.written
     _, peak = budget.rss()
-    report = {"images": [str(p) for p in written if p != grid_file], "grid": str(grid_file) if grid_file else None,
+    report = {"images": [str(p) for p in written], "grid": str(grid_file) if grid_file else None,
               "open_s": round(t_open, 4), "generate_s": round(t_gen, 4), "per_image_s": round(t_gen / n, 5),
               "plan": plan, "peak_rss_mb": round(peak / 2 ** 20, 1)}
     if json_out:
@@ -142,52 +152,18 @@ def _trusted(paths: Optional[list[Path]]) -> Optional[list[bytes]]:
     return [read_public(p) for p in paths] if paths else None
 
 
-def _check_writable(out: Path, grid_file: Optional[Path]) -> None:
-    """Fail before any work if the outputs cannot be written."""
-    import os
-
-    from .errors import UsageError
-
-    for folder in [out] + ([grid_file.parent] if grid_file else []):
-        target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-        if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
-            raise UsageError(f"cannot write to {folder}: not a writable folder")
-
-
-def _write_images(pictures: list, out: Path, seed: int, grid_file: Optional[Path]) -> list[Path]:
-    """Write every PNG, or none: on failure, remove what this call wrote."""
-    from . import images
-    from .errors import UsageError
-
-    written: list[Path] = []
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for i, picture in enumerate(pictures):
-            path = out / f"seed{seed}-{i:04d}.png"
-            images.save_png(picture, path)
-            written.append(path)
-        if grid_file is not None:
-            images.save_png(images.grid(pictures), grid_file)
-            written.append(grid_file)
-    except OSError as e:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise UsageError(f"cannot write images: {e.strerror or e}") from None
-    return written
-
-
 @app.command()
 def bench(
-    model: Optional[str] = typer.Option(None, "-m", "--model", help="Bundle file or shipped bundle name."),
+    model: Optional[str] = typer.Option(None, "-m", "--model", help=_bundle_help() + " Default: the first."),
     quick: bool = typer.Option(False, "--quick", help="A few seconds: 5 steps, 2 images, no budget run."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure cold and warm latency, denoiser call time, batched throughput and peak RSS."""
     from .bench import bench as run_bench
     from .bundle import Bundle
-    from .generator import default_bundle
+    from .shipped import resolve
 
-    path = _bundle_path(model) or default_bundle()
+    path = resolve(model)
     Bundle.open(path)                      # a bad bundle fails here, in one line
     results = run_bench(path, quick)
     if json_out:
@@ -232,6 +208,26 @@ def export_cmd(
         typer.echo(f"wrote {output} ({output.stat().st_size / 1e6:.1f} MB)")
         for key, value in manifest.get("parity", {}).items():
             typer.echo(f"  {key}: {value:.4g}" if isinstance(value, float) else f"  {key}: {value}")
+    advice = _int8_advice(manifest.get("parity", {}))
+    if advice:
+        typer.echo(f"warning: {advice}", err=True)
+
+
+INT8_MIN_PSNR_DB = 25.0     # the shipped bundles measure 33.8 and 37.1 dB mean against fp32
+
+
+def _int8_advice(parity: dict) -> Optional[str]:
+    """An int8 bundle that is far from its fp32 model, or no faster, deserves a word: a barely
+    trained run's activations calibrate badly, and then fp32 is the better bundle."""
+    psnr, speedup = parity.get("int8_vs_fp32_psnr_mean"), parity.get("int8_speedup")
+    if psnr is None or speedup is None:
+        return None
+    problems = ([f"its images are {psnr:.1f} dB from fp32's (shipped bundles: 34-37 dB)"] if psnr < INT8_MIN_PSNR_DB else []) \
+        + ([f"its denoiser ran {speedup:.2f}x as fast as fp32 here"] if speedup < 1.0 else [])
+    if not problems:
+        return None
+    return (f"the int8 bundle is a poor trade: {' and '.join(problems)}; export again with --quantize fp32 "
+            "(common after a short training run), or train longer")
 
 
 @app.command("build-db")
@@ -263,7 +259,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, label accuracy."""
+    """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, block agreement, label accuracy."""
     _toolchain()
     from rissole_export.evaluate import evaluate as run_evaluation
 
@@ -287,13 +283,14 @@ def keygen(output: Path = typer.Option(..., "-o", "--output", help="Secret key f
 
 @app.command()
 def info(
-    bundle: Path = typer.Argument(..., help="A .rissole bundle."),
+    bundle: str = typer.Argument(..., help=_bundle_help()),
     json_out: bool = typer.Option(False, "--json", help="Print the whole manifest as JSON."),
 ) -> None:
     """Describe a bundle: geometry, database, quantization, parity, members."""
     from .bundle import Bundle, Spec
+    from .shipped import resolve
 
-    b = Bundle.open(bundle)
+    b = Bundle.open(resolve(bundle))
     m = b.manifest
     if json_out:
         typer.echo(json.dumps(m, indent=2))
@@ -324,7 +321,7 @@ def info(
 
 @app.command()
 def verify(
-    bundle: Path = typer.Argument(..., help="A .rissole bundle."),
+    bundle: str = typer.Argument(..., help=_bundle_help()),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Also require a signature by this public key."),
 ) -> None:
     """Check a bundle: checksums, signature, manifest, ONNX models load, index loads, shapes agree."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from importlib import resources
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from . import blocks, budget, rng, sampler
+from . import blocks, budget, rng, sampler, shipped
 from .preview import Preview, PreviewFn, default_every
 from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
@@ -29,16 +28,23 @@ from .retrieval import Database
 from .schedule import alphas_cumprod
 
 MAX_IMAGES = 10_000
-DEFAULT_MODEL = "fashion-mnist"
 Progress = Callable[[int, int], None]
+GroupDone = Callable[[int, np.ndarray], None]
 
 
 @dataclass(frozen=True)
 class Query:
-    """What an image is generated "from": a database entry, an image, or a class label."""
+    """What an image is generated "from": a database entry, an image, or a class label (at most
+    one: the CLI refuses two of --query-id, --like and --label, and so does the API, instead of
+    silently letting one win)."""
     entry: int | None = None
     like: str | Path | Image.Image | None = None
     label: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("entry", "like", "label") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise UsageError(f"a Query takes at most one of entry, like and label, got {' and '.join(given)}")
 
 
 def _session(model: bytes, name: str, threads: int, low_memory: bool, spin: bool) -> ort.InferenceSession:
@@ -111,7 +117,8 @@ class Generator:
     def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
              threads: int | None = None, trusted_keys: list[bytes] | None = None,
              spin: bool = True) -> "Generator":
-        """Open a bundle (default: the one shipped with the package) within a memory budget
+        """Open a bundle (a .rissole path or a shipped name such as "twemoji"; default: the
+        shipped default) within a memory budget
         (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit. With
         `trusted_keys` (Ed25519 public keys), refuses bundles not signed by one of them.
         `spin=False` lets onnxruntime's idle threads sleep rather than busy-wait between the many
@@ -125,7 +132,7 @@ class Generator:
             if trusted_keys is not None and bundle.signer not in trusted_keys:
                 raise BundleError("this bundle is not signed by a trusted key")
         else:
-            bundle = Bundle.open(path if path is not None else default_bundle(), trusted_keys)
+            bundle = Bundle.open(shipped.resolve(path), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         load = sum(m.size for m in bundle.members.values())
         budget.check_before_loading(budget_bytes, 4 * load)   # bytes read, parsed copies, live objects
@@ -147,7 +154,8 @@ class Generator:
 
     def generate(self, n: int = 1, seed: int = 0, steps: int | None = None, sampler_name: str | None = None,
                  query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
-                 as_array: bool = False, first_index: int = 0, on_preview: PreviewFn | None = None,
+                 as_array: bool = False, first_index: int = 0,
+                 on_group: GroupDone | None = None, on_preview: PreviewFn | None = None,
                  preview_every: int | None = None) -> list[Image.Image] | np.ndarray:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
@@ -157,6 +165,11 @@ class Generator:
 
         `on_preview(steps done, uint8 images (n, H, W, C))` receives the decoded x0 prediction of
         all n images every `preview_every` steps (default: about ten per run) and at the last.
+
+        Images are made in groups (`plan.images_per_group`). As each group is decoded,
+        `on_group(index of its first image, uint8 pixels (len, H, W, C))` gets it, so that a
+        caller can save finished work before the rest is done (the CLI writes PNGs there, and an
+        interrupt keeps them); then `on_progress(images done, n)` counts images.
 
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
         pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
@@ -175,19 +188,20 @@ class Generator:
             # Images go through in groups so that what is held per image stays bounded too.
             size = self.plan.images_per_group
             groups = [list(range(a, min(a + size, first_index + n))) for a in range(first_index, first_index + n, size)]
-            calls = [-(-len(g) * self.spec.positions // self.plan.blocks_per_call) * steps for g in groups]
             pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
             preview = None if on_preview is None else Preview(
                 on_preview, preview_every or default_every(steps), steps, first_index,
                 (n, self.spec.positions, self.spec.latent_channels, self.spec.block_side, self.spec.block_side),
                 self._decode)
-            for g, ids in enumerate(groups):
-                report = None if on_progress is None else \
-                    (lambda done, _total, before=sum(calls[:g]): on_progress(before + done, sum(calls)))
+            for ids in groups:
                 cond = self._conditions(ids, seed, query)
-                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, report, preview)
+                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, preview)
                 start = ids[0] - first_index
                 pixels[start:start + len(ids)] = self._decode(latents)
+                if on_group is not None:
+                    on_group(ids[0], pixels[start:start + len(ids)])
+                if on_progress is not None:
+                    on_progress(start + len(ids), n)
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
@@ -262,7 +276,7 @@ class Generator:
         return 2 if self.spec.k and guidance != 1.0 else 1
 
     def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
-                 guidance: float, on_progress: Progress | None, preview: Preview | None = None) -> np.ndarray:
+                 guidance: float, preview: Preview | None = None) -> np.ndarray:
         """All n*P blocks, in chunks of `plan.blocks_per_call`, each chunk run through every step.
         Work items are (row, position); row r is image number ids[r]."""
         spec = self.spec
@@ -271,7 +285,6 @@ class Generator:
         # A plan made for unguided calls holds half as many guided blocks (two rows each).
         chunk = max(1, self.plan.blocks_per_call * self.plan.passes // self._passes(guidance))
         out = np.empty((len(ids),) + shape, np.float32)
-        total, done = -(-len(work) // chunk) * steps, 0
         for start in range(0, len(work), chunk):
             items = work[start:start + chunk]
             img = np.array([i for i, _ in items])
@@ -298,16 +311,9 @@ class Generator:
                 return np.stack([rng.step_noise(seed, ids[r], step, shape)[p] for r, p in items])
 
             numbers = np.array([ids[r] for r in img])
-
-            def tick(step: int, x0: np.ndarray, numbers: np.ndarray = numbers, pos: np.ndarray = pos) -> None:
-                nonlocal done
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
-                if preview is not None:
-                    preview.update(numbers, pos, step, x0)
-
-            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, tick)
+            on_step = None if preview is None else \
+                (lambda step, x0, numbers=numbers, pos=pos: preview.update(numbers, pos, step, x0))
+            x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, on_step)
             out[img, pos] = x
         return out
 
@@ -320,15 +326,3 @@ class Generator:
             out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
 
-
-def shipped_bundle(name: str) -> Path:
-    """Where the bundle `name` shipped with the package lives (it may be absent)."""
-    return Path(str(resources.files("rissole_edge.models").joinpath(f"{name}.rissole")))
-
-
-def default_bundle() -> Path:
-    """The default bundle shipped inside the package, if one is installed."""
-    path = shipped_bundle(DEFAULT_MODEL)
-    if not path.exists():
-        raise UsageError("no default bundle is installed: pass -m BUNDLE (make one with 'rissole-edge export')")
-    return path
