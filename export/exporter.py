@@ -19,7 +19,7 @@ import torch
 
 import rissole_edge
 from rissole_edge import blocks
-from rissole_edge.bundle import MAX_GUIDANCE, Bundle
+from rissole_edge.bundle import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_GUIDANCE, Bundle
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 from rissole_edge.retrieval import keys_of
@@ -27,6 +27,7 @@ from rissole_edge.timing import median_seconds
 
 from . import config, database, graph, onnx_export, pack, quantize
 from .layers import count_parameters
+from .recommend import sampling_fields
 from .sampling import RunModels, generate
 from .train import STAGES, stage_complete
 
@@ -100,11 +101,13 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibration_samples: int = 32,
            db_limit: int | None = None, log=print, signing_key: bytes | None = None,
-           guidance: float = 1.0) -> dict:
-    """Export `run` to the bundle `out`; returns the manifest written. `guidance` is recorded as
-    the scale `generate` uses by default: the person who trained the model knows what suits it."""
+           guidance: float = 1.0, sampler: str = DEFAULT_SAMPLER, sampling_steps: int = DEFAULT_STEPS) -> dict:
+    """Export `run` to the bundle `out`; returns the manifest written. `guidance`, `sampler` and
+    `sampling_steps` are recorded as what `generate` uses by default: the person who trained and
+    measured the model (benchmarks/steps.py) knows what suits it."""
     run, out = Path(run), Path(out)
     _check_inputs(run, out, mode, target, calibration_samples, guidance)
+    recommended = sampling_fields(sampler, sampling_steps, guidance, config.load(run / "config.json").denoiser.timesteps)
     torch.set_grad_enabled(False)
     m = RunModels.load(run)
     cfg, meta = m.cfg, m.db.meta
@@ -152,7 +155,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
-        "sampling": {"guidance": float(guidance)},
+        "sampling": recommended,
         "dataset": meta["dataset"],
         "parameters": {"denoiser": count_parameters(m.net), "decoder": count_parameters(m.ae.decoder)
                        + m.ae.codebook.embedding.numel(), "encoder": count_parameters(m.ae.encoder)},

@@ -189,6 +189,8 @@ def export_cmd(
     calibration_samples: int = typer.Option(32, help="Images whose sampling trajectories calibrate int8."),
     db_limit: Optional[int] = typer.Option(None, help="Keep only this many database images (a seeded sample)."),
     guidance: float = typer.Option(1.0, "--guidance", help="Guidance scale the bundle recommends; generate uses it unless told otherwise."),
+    sampler_name: str = typer.Option("ddim", "--sampler", help="Sampler the bundle recommends (generate's default for it): " + _samplers.names() + "."),
+    sampling_steps: int = typer.Option(50, "--steps", help="Step count the bundle recommends (measure it: benchmarks/steps.py)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the manifest with this secret key (see keygen)."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -200,6 +202,7 @@ def export_cmd(
     from rissole_export.exporter import export
 
     manifest = export(run, output, quantize, target, calibration_samples, db_limit, guidance=guidance,
+                      sampler=sampler_name, sampling_steps=sampling_steps,
                       log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)),
                       signing_key=signing_key)
     if json_out:
@@ -228,6 +231,27 @@ def _int8_advice(parity: dict) -> Optional[str]:
         return None
     return (f"the int8 bundle is a poor trade: {' and '.join(problems)}; export again with --quantize fp32 "
             "(common after a short training run), or train longer")
+
+
+@app.command("set-sampling")
+def set_sampling_cmd(
+    bundle: Path = typer.Argument(..., help="The bundle whose recommended sampling changes."),
+    output: Path = typer.Option(..., "-o", "--output", help="The new bundle (may be BUNDLE itself: replaced atomically)."),
+    sampler_name: Optional[str] = typer.Option(None, "--sampler", help="Recommended sampler: " + _samplers.names() + " (default: keep)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Recommended step count (default: keep)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Recommended guidance scale (default: keep)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the new manifest with this secret key."),
+) -> None:
+    """Re-pack a bundle with a new recommended sampler/steps/guidance; every member stays byte for byte."""
+    from .keys import read_secret
+
+    signing_key = read_secret(sign) if sign else None
+    _toolchain()
+    from rissole_export.recommend import set_sampling
+
+    fields = set_sampling(bundle, output, sampler_name, steps, guidance, signing_key,
+                          log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(f"wrote {output}: {fields['sampler']}, {fields['steps']} steps, guidance {fields['guidance']:g} by default")
 
 
 @app.command("build-db")

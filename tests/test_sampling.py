@@ -139,3 +139,28 @@ def test_cli_preview_rewrites_one_grid(tiny_bundle, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []      # no temp file left
     proc = cli("generate", "-m", str(tiny_bundle), "--preview", str(tmp_path / "none" / "p.png"), "-o", str(tmp_path / "p"))
     assert proc.returncode == 2 and "cannot write the preview" in proc.stderr and not (tmp_path / "p").exists()
+
+
+def test_set_sampling_repacks_a_bundle_with_new_recommendations(tiny_bundle, tmp_path):
+    out = tmp_path / "retuned.rissole"
+    proc = cli("set-sampling", str(tiny_bundle), "-o", str(out), "--sampler", "dpmpp-3m", "--steps", "5", check=True)
+    assert "dpmpp-3m, 5 steps" in proc.stdout
+    source, retuned = Bundle.open(tiny_bundle), Bundle.open(out)
+    assert retuned.manifest["sampling"] == {**source.manifest["sampling"], "sampler": "dpmpp-3m", "steps": 5}
+    assert all(retuned.read(name) == source.read(name) for name in source.members)
+    with Generator.open(out, threads=1) as a, Generator.open(tiny_bundle, threads=1) as b:
+        assert np.array_equal(a.generate(2, seed=1, as_array=True),
+                              b.generate(2, seed=1, steps=5, sampler_name="dpmpp-3m", as_array=True))
+    for bad, message in ((["--steps", "0"], "steps must be between"), (["--sampler", "euler"], "unknown sampler")):
+        proc = cli("set-sampling", str(tiny_bundle), "-o", str(tmp_path / "bad.rissole"), *bad)
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "bad.rissole").exists()
+
+
+def test_the_exporter_records_the_recommended_sampling(tiny_run, tiny_bundle, tmp_path):
+    assert {"sampler", "steps", "guidance"} <= set(Bundle.open(tiny_bundle).manifest["sampling"])
+    out = tmp_path / "fp32.rissole"
+    cli("export", str(tiny_run), "-o", str(out), "--quantize", "fp32", "--sampler", "dpmpp-2m", "--steps", "9",
+        check=True)
+    assert Bundle.open(out).manifest["sampling"] == {"sampler": "dpmpp-2m", "steps": 9, "guidance": 1.0}
+    proc = cli("export", str(tiny_run), "-o", str(tmp_path / "x.rissole"), "--sampler", "euler")
+    assert proc.returncode == 2 and "unknown sampler" in proc.stderr and not (tmp_path / "x.rissole").exists()
