@@ -89,7 +89,7 @@ def generate(
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
     spin: bool = typer.Option(True, "--spin/--no-spin", help="--no-spin: idle threads sleep instead of busy-waiting: less CPU, a little slower."),
-    out: Path = typer.Option(Path("generated"), "-o", "--out", help="Folder for the PNGs (seedS-NNNN.png), written group by group."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the PNGs (seedS-NNNN.png), written group by group (default: a new generated/NNN per run)."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs of the same names (default: refuse before any work)."),
     like: Optional[Path] = typer.Option(None, "--like", help="Generate images like this one (retrieval by image)."),
@@ -142,7 +142,7 @@ def generate(
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo(f"wrote {len(pictures)} images to {out}" + (f" and {grid_file}" if grid_file else "")
+        typer.echo(f"wrote {len(pictures)} images to {writer.folder}" + (f" and {grid_file}" if grid_file else "")
                    + f" in {t_gen:.2f} s ({plan}; peak RSS {report['peak_rss_mb']} MB)")
 
 

@@ -4,7 +4,8 @@ group as soon as it is finished.
 Writing as groups finish (instead of once at the end) means an interrupted or failed run keeps
 every finished image; each PNG is written atomically, so none is ever half-written. Existing
 files are never replaced silently: a rerun with other settings would otherwise overwrite
-yesterday's images under the same names.
+yesterday's images under the same names. Without a folder named, each run gets a new one
+(generated/001, generated/002, ...), so that following a tutorial twice never fails or clobbers.
 """
 
 from __future__ import annotations
@@ -23,11 +24,17 @@ from . import images
 from .errors import UsageError
 
 
-class ImageWriter:
-    """`DIR/seed{S}-{i:04d}.png` per image, plus an optional grid file."""
+DEFAULT_ROOT = Path("generated")
 
-    def __init__(self, folder: Path, seed: int, grid_file: Path | None = None):
-        self.folder, self.seed, self.grid_file = Path(folder), seed, grid_file
+
+class ImageWriter:
+    """`DIR/seed{S}-{i:04d}.png` per image, plus an optional grid file. `folder` None: a new
+    numbered folder under generated/, claimed when the first group is written."""
+
+    def __init__(self, folder: Path | None, seed: int, grid_file: Path | None = None):
+        self.fresh = folder is None
+        self.folder = DEFAULT_ROOT / "NNN" if folder is None else Path(folder)
+        self.seed, self.grid_file = seed, grid_file
         self.written: list[Path] = []
         self.total = 0
 
@@ -38,13 +45,14 @@ class ImageWriter:
         """Before any work: the folders must be writable, and without `overwrite` no output
         file may exist yet (refused with the first one named)."""
         self.total = n
-        for folder in [self.folder] + ([self.grid_file.parent] if self.grid_file else []):
+        for folder in [self.folder.parent if self.fresh else self.folder] + \
+                ([self.grid_file.parent] if self.grid_file else []):
             target = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
             if not target.is_dir() or not os.access(target, os.W_OK | os.X_OK):
                 raise UsageError(f"cannot write to {folder}: not a writable folder")
         if overwrite:
             return
-        targets = [self.path(i) for i in range(n)] + ([self.grid_file] if self.grid_file else [])
+        targets = ([] if self.fresh else [self.path(i) for i in range(n)]) + ([self.grid_file] if self.grid_file else [])
         existing = [p for p in targets if p.exists()]
         if existing:
             what = f"{existing[0]} and {len(existing) - 1} more files already exist" if len(existing) > 1 \
@@ -58,6 +66,8 @@ class ImageWriter:
         that the CLI reports is exact."""
         with _interrupts_deferred():
             try:
+                if self.fresh:
+                    self._claim()
                 self.folder.mkdir(parents=True, exist_ok=True)
                 for i, p in enumerate(pixels, start=first):
                     path = self.path(i)
@@ -65,6 +75,19 @@ class ImageWriter:
                     self.written.append(path)
             except OSError as e:
                 raise UsageError(f"cannot write images: {e.strerror or e}; {self.summary()}") from None
+
+    def _claim(self) -> None:
+        """Make the next free generated/NNN (mkdir is atomic, so two runs never share one)."""
+        DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
+        taken = [int(p.name) for p in DEFAULT_ROOT.iterdir() if p.name.isdigit()]
+        number = max(taken, default=0) + 1
+        while True:
+            try:
+                (DEFAULT_ROOT / f"{number:03d}").mkdir()
+                break
+            except FileExistsError:
+                number += 1
+        self.folder, self.fresh = DEFAULT_ROOT / f"{number:03d}", False
 
     def write_grid(self, pictures: list[Image.Image]) -> None:
         if self.grid_file is None:

@@ -156,3 +156,18 @@ def test_like_queries_are_fitted_as_training_images_are_by_default():
     small[5:20, 5:20] = 180
     fitted = images.fit(Image.fromarray(small), 32, 1, "#ffffff")[..., 0]
     assert np.array_equal(fitted[2:30, 2:30], small) and fitted[:2].max() == 0
+
+
+def test_without_a_folder_each_run_gets_a_new_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "generated" / "007").mkdir(parents=True)          # numbering continues after the highest
+    pixels = np.zeros((2, 4, 4, 1), np.uint8)
+    folders = []
+    for _ in range(2):
+        writer = ImageWriter(None, seed=0)
+        writer.check(2, overwrite=False)                           # nothing to refuse: the folder is new
+        writer.write_group(0, pixels)
+        folders.append(writer.folder)
+        assert writer.summary() == f"2 of 2 images were written to {writer.folder}"
+    assert folders == [Path("generated/008"), Path("generated/009")]
+    assert sorted(p.name for p in (tmp_path / "generated" / "009").iterdir()) == ["seed0-0000.png", "seed0-0001.png"]
