@@ -9,6 +9,7 @@ resumed run draw the same batches as an uninterrupted one. Under torchrun it tra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -43,6 +44,24 @@ LOG_EVERY_S = 30.0          # piped output: one progress line per stage at most 
 
 class Stopped(Exception):
     """Training stopped early (time limit or signal) after saving a checkpoint."""
+
+
+@contextlib.contextmanager
+def stop_on_signals(ctx: "Context") -> Iterator[None]:
+    """SIGINT/SIGTERM set `ctx.signalled`: the step loop then checkpoints and stops (`Stopped`)
+    instead of dying mid-write; the previous handlers come back afterwards."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum: int, frame: object) -> None:
+        ctx.signalled = True
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Context:
@@ -391,35 +410,26 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
         say(estimate.describe(est))
         summary["estimate_s"] = {name: round(e["seconds"], 1) for name, e in est.items()}
     summary["stage_s"] = {}
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def on_signal(signum: int, frame: object) -> None:
-        ctx.signalled = True
-
-    for sig in previous:
-        signal.signal(sig, on_signal)
     try:
-        for name in wanted:
-            done = stage_complete(out, name, cfg)
-            if stage == "all" and done:
-                continue
-            require_previous(out, name, cfg)
-            started = time.monotonic()
-            if name == "autoencoder":
-                check_partial(out, name, resume, cfg.autoencoder.steps)
-                summary["autoencoder"] = train_autoencoder(ctx, images)
-            elif name == "database":
-                summary["database"] = {k: v for k, v in build_database(ctx, images).items() if k != "key_study"}
-            else:
-                check_partial(out, name, resume, cfg.denoiser.steps)
-                summary["denoiser"] = train_denoiser(ctx)
-            summary["stage_s"][name] = round(time.monotonic() - started, 1)
+        with stop_on_signals(ctx):
+            for name in wanted:
+                done = stage_complete(out, name, cfg)
+                if stage == "all" and done:
+                    continue
+                require_previous(out, name, cfg)
+                started = time.monotonic()
+                if name == "autoencoder":
+                    check_partial(out, name, resume, cfg.autoencoder.steps)
+                    summary["autoencoder"] = train_autoencoder(ctx, images)
+                elif name == "database":
+                    summary["database"] = {k: v for k, v in build_database(ctx, images).items() if k != "key_study"}
+                else:
+                    check_partial(out, name, resume, cfg.denoiser.steps)
+                    summary["denoiser"] = train_denoiser(ctx)
+                summary["stage_s"][name] = round(time.monotonic() - started, 1)
     except Stopped as e:
         summary["status"] = str(e)
         summary["interrupted"] = ctx.signalled
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     return summary
 
 

@@ -1,0 +1,122 @@
+"""A distilled few-step bundle against its teacher: the targets of issue 15, in one run.
+
+    python benchmarks/distilled.py --student models/fashion-mnist-4step.rissole \
+        --teacher models/fashion-mnist.rissole [-n 1000] [--rounds 3] [-o results.json]
+
+For the teacher at `--teacher-steps` (50) DDIM steps and the student at its own step count, and
+for the teacher at the student's step count as the baseline that distillation must beat:
+- FD-EffNetLite0, KID, seam ratio and label accuracy (`rissole_export.evaluate`, N images);
+- detail: high-frequency energy of the generated images relative to real test images (blur
+  lowers it; FD can reward blur, this cannot);
+- distance to the teacher's many-step images of the same seeds (pixel RMSE, 256 images);
+- ms per image, measured in fresh processes (bench's child), rounds interleaved, so that a
+  shared machine slows both alike; the speed-up is the ratio within this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from rissole_edge.bench import run_child
+from rissole_edge.bundle import Bundle
+from rissole_edge.generator import Generator
+from rissole_export import data, evaluate
+from rissole_export.config import DataConfig
+
+DISTANCE_IMAGES = 256
+HIGH_FREQUENCY = 0.25      # cycles per pixel: the outer band of the spectrum (Nyquist is 0.5)
+
+
+def high_frequency_energy(images: np.ndarray) -> float:
+    """Mean spectral energy above HIGH_FREQUENCY cycles/pixel of uint8 images (N, H, W, C)."""
+    x = images.astype(np.float64) / 255
+    x = x - x.mean(axis=(1, 2), keepdims=True)
+    spectrum = np.abs(np.fft.fft2(x, axes=(1, 2))) ** 2
+    fy = np.fft.fftfreq(x.shape[1])[:, None]
+    fx = np.fft.fftfreq(x.shape[2])[None, :]
+    band = np.sqrt(fy ** 2 + fx ** 2) > HIGH_FREQUENCY
+    return float(spectrum[:, band].sum(axis=1).mean() / (x.shape[1] * x.shape[2]))
+
+
+def _generate(bundle: Path, n: int, steps: int) -> np.ndarray:
+    with Generator.open(bundle, threads=2) as gen:
+        return gen.generate(n, seed=0, steps=steps, as_array=True, force_steps=True)
+
+
+def _ms_per_image(bundle: Path, steps: int) -> float:
+    return 1e3 / run_child({"bundle": str(bundle), "threads": 2, "steps": steps, "images": 8})["batched_images_per_s"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("-n", type=int, default=1000, help="images for FD/KID/seams/labels and detail")
+    parser.add_argument("--teacher-steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (0: no timing)")
+    parser.add_argument("--rows", default="teacher,student,teacher_at_student_steps",
+                        help="rows to measure now; the others are kept from --out (so rows can be run apart)")
+    parser.add_argument("-o", "--out", type=Path)
+    args = parser.parse_args()
+    steps = Bundle.open(args.student).manifest["sampling"]["distilled_steps"]
+    rows = {"teacher": (args.teacher, args.teacher_steps), "student": (args.student, steps),
+            "teacher_at_student_steps": (args.teacher, steps)}
+    wanted = args.rows.split(",")
+    manifest = Bundle.open(args.teacher).manifest
+    image = manifest["image"]
+    name = manifest["dataset"]["name"]
+    real = data.load(name, DataConfig(source=name, size=image["size"], channels=image["channels"],
+                                      background=image.get("background", "#ffffff"))).test[:args.n]
+    real_hf = high_frequency_energy(real)
+    reference = _generate(args.teacher, DISTANCE_IMAGES, args.teacher_steps).astype(np.float64)
+    result: dict = {"n": args.n, "reference_images": len(real), "student_steps": steps,
+                    "teacher_steps": args.teacher_steps, "rows": {}}
+    if args.out and args.out.exists():
+        result["rows"] = json.loads(args.out.read_text())["rows"]
+    for row in wanted:
+        path, s = rows[row]
+        images = _generate(path, args.n, s)
+        metrics = evaluate.evaluate(path, args.n, steps=s, log=lambda msg: None)
+        result["rows"][row] = {
+            "bundle": str(path), "steps": s, "fd": metrics["fd_effnetlite0"], "kid": metrics["kid_effnetlite0"],
+            "seam_ratio": metrics["seam_ratio_generated"], "label_accuracy": metrics["label_accuracy"],
+            "copying_score": metrics["copying_score"],
+            "detail": high_frequency_energy(images) / real_hf,
+            "distance_to_teacher": float(np.sqrt(((images[:DISTANCE_IMAGES] - reference) ** 2).mean())),
+        }
+        _save(result, args.out)
+    if args.rounds == 0 or not {"teacher", "student"} <= set(result["rows"]):
+        return
+    times: dict[str, list[float]] = {"teacher": [], "student": []}
+    for _ in range(args.rounds):
+        for row in times:
+            times[row].append(_ms_per_image(*rows[row]))
+    for row, values in times.items():
+        result["rows"][row]["ms_per_image"] = statistics.median(values)
+        result["rows"][row]["ms_per_image_rounds"] = values
+    t, s = result["rows"]["teacher"], result["rows"]["student"]
+    result["targets"] = {
+        "fd_within_10pct": s["fd"] <= 1.10 * t["fd"],
+        "detail_within_10pct": abs(s["detail"] - t["detail"]) <= 0.10 * t["detail"],
+        "label_accuracy_within_2_points": None if t["label_accuracy"] is None
+        else abs(s["label_accuracy"] - t["label_accuracy"]) <= 0.02,
+        "speedup": t["ms_per_image"] / s["ms_per_image"],
+    }
+    print(json.dumps(result, indent=2))
+    _save(result, args.out)
+
+
+def _save(result: dict, out: Path | None) -> None:
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()
