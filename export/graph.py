@@ -271,12 +271,34 @@ def convs_as_gemm(model: bytes, shapes: Shapes) -> bytes:
     return g.finish()
 
 
+def static_reshapes(model: bytes, shapes: Shapes) -> bytes:
+    """Reshapes whose target shape is read from a Shape node at run time (the GroupNorm
+    export: reshape to groups, normalise, reshape back to the input's shape) get it as a
+    constant, batch axis -1: two kernels fewer per GroupNorm (measured 0.96x the fashion call).
+    Only for graphs whose inputs have no free axis but the batch, where every value's shape
+    past the batch axis is the one `shapes` holds."""
+    proto = onnx.load_from_string(model)
+    initializers = {i.name for i in proto.graph.initializer}
+    for value in proto.graph.input:
+        if value.name not in initializers and any(d.dim_value <= 0 for d in value.type.tensor_type.shape.dim[1:]):
+            return model
+    g = _Graph(proto)
+    for node in g.graph.node:
+        source = g.producer.get(node.input[1]) if node.op_type == "Reshape" else None
+        if source is not None and source.op_type == "Shape" and not _attr(source, "start", 0) \
+                and _attr(source, "end", None) is None:
+            target = np.array([-1, *shapes[source.input[0]][1:]], np.int64)
+            node.input[1] = g.add_initializer(target, f"{source.name.strip('/').replace('/', '_')}_static")
+    return g.finish()
+
+
 Rewrite = Callable[[bytes, Shapes], bytes]
 REWRITES: dict[str, Rewrite] = {
     "expand-broadcasts": expand_broadcasts,
     "convs-as-gemm": convs_as_gemm,
+    "static-reshapes": static_reshapes,
 }
-DEFAULT_REWRITES = ("expand-broadcasts", "convs-as-gemm")
+DEFAULT_REWRITES = ("expand-broadcasts", "convs-as-gemm", "static-reshapes")
 
 
 def rewrite(model: bytes, names: tuple[str, ...] | list[str] = DEFAULT_REWRITES) -> bytes:
