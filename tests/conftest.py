@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+# torch on one thread, in this process and in every CLI subprocess (they inherit the
+# environment), unless the caller sets OMP_NUM_THREADS: with two threads per process on a busy
+# 2-core machine, threads spin against each other. Training the tiny run took 13-26 s with one
+# thread against 44-161 s with two (interleaved, load average 7-12). Results stay deterministic:
+# each comparison in the suite is between runs made the same way.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 SAMPLE = Path(__file__).parent / "data" / "fashion-sample"
 # A run small enough for tests: 16x16 images, 4x4 latent, 2x2 blocks of 2x2.
 TINY_OVERRIDES = """
