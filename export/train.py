@@ -434,7 +434,8 @@ def train(source: str, out: Path, preset: str | None = None, config_file: Path |
 
 
 def steps_left(run: Path, cfg: config.RunConfig, stages: list[str]) -> dict[str, int]:
-    """Steps each of `stages` has still to run (1 for the database), from its checkpoint."""
+    """Steps each of `stages` has still to run (1 for the database), from its checkpoint; stages
+    with none left are left out."""
     left = {}
     for name in stages:
         if name == "database":
@@ -442,7 +443,9 @@ def steps_left(run: Path, cfg: config.RunConfig, stages: list[str]) -> dict[str,
             continue
         total = cfg.autoencoder.steps if name == "autoencoder" else cfg.denoiser.steps
         path = stage_output(run, name)
-        left[name] = total - (min(checkpoint.step_of(path), total) if path.exists() else 0)
+        steps = total - (min(checkpoint.step_of(path), total) if path.exists() else 0)
+        if steps:
+            left[name] = steps
     return left
 
 
