@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from safetensors.torch import load_file
@@ -139,3 +140,21 @@ def test_reuse_trains_a_denoiser_variant_on_the_same_autoencoder_and_database(tm
                "--reuse", str(tiny_run))
     assert proc.returncode == 2 and "autoencoder.codebook_size" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_a_folder_of_mixed_sizes_trains_under_the_default_size(tmp_path):
+    """28x28 (refused before as smaller than 32), wide and large images side by side: each is
+    fitted to data.size, and training starts (the autoencoder stage)."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(28, 28)] * 6 + [(60, 20)] * 3 + [(100, 80)] * 3):
+        Image.fromarray(rng.integers(0, 255, (h, w), np.uint8)).save(folder / f"{i}.png")
+    config = tmp_path / "short.toml"
+    config.write_text("[autoencoder]\nsteps = 3\n")
+    run = tmp_path / "run"
+    cli("train", str(folder), "--out", str(run), "--preset", "tiny", "--config", str(config),
+        "--stage", "autoencoder", check=True)
+    stored = json.loads((run / "config.json").read_text())["data"]
+    assert (stored["size"], stored["fit"]) == (32, "pad") and (run / "autoencoder.safetensors").exists()
