@@ -181,12 +181,20 @@ def _check(source: Path, steps: int, out: Path, settings_in: dict) -> None:
 
 
 def _settings(source: Path, steps: int, out: Path, resume: bool, given: dict) -> Settings:
-    """This run's settings: new, or the stored ones (which the given ones must not contradict)."""
+    """This run's settings: new, or the stored ones, which the given ones must not contradict,
+    except that an unfinished run may be given another --train-steps on --resume (the learning
+    rate is constant, so the count only bounds the loop, as denoiser.steps does in `train`)."""
     path = out / SETTINGS_FILE
     if path.exists():
         stored = Settings(**json.loads(path.read_text()))
         wanted = dataclasses.replace(stored, source=str(source.resolve()), steps=steps,
                                      **{k: v for k, v in given.items() if v is not None})
+        student = out / f"{STUDENT}.safetensors"
+        if resume and wanted.train_steps != stored.train_steps and not (out / "denoiser.safetensors").exists():
+            done = checkpoint.step_of(student) if student.exists() else 0
+            if wanted.train_steps < done:
+                raise UsageError(f"--train-steps {wanted.train_steps} is below the {done} steps {out} has done")
+            stored = dataclasses.replace(stored, train_steps=wanted.train_steps)
         if wanted != stored:
             diff = next(f.name for f in dataclasses.fields(Settings) if getattr(wanted, f.name) != getattr(stored, f.name))
             raise UsageError(f"{out} holds a distillation with another {diff} "
@@ -374,7 +382,8 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     manifest = {k: v for k, v in teacher.manifest.items() if k not in ("members", "format_version", "graph", "parity")}
     manifest.update(fields, name=out.stem, tool_version=rissole_edge.__version__,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest["distilled"]["teacher_sha256"] = hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest()
+    manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),
+                                 teacher_sha256=hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest())
     quant = dict(teacher.manifest.get("quantization", {"mode": "fp32"}))
     fp32_bundle = Bundle.in_memory({**manifest, "quantization": quant}, {**members, "denoiser.onnx": fp32})
     feeds: list[dict] = []
