@@ -351,9 +351,8 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     """Generation through the runtime: exactly the images users of the bundle get."""
     from rissole_edge.generator import Generator, Query
 
-    # One thread count for onnxruntime and torch (OMP_NUM_THREADS / torch's default), and idle
-    # onnxruntime workers sleep: spinning ones on top of busy torch threads waste shared cores.
-    gen = Generator.open(path, threads=torch.get_num_threads(), spin=False)
+    # One thread count for the runtime's workers and torch (OMP_NUM_THREADS / torch's default).
+    gen = Generator.open(path, threads=torch.get_num_threads())
     manifest = gen.bundle.manifest
     image = manifest["image"]
     name = manifest.get("dataset", {}).get("name")

@@ -1,17 +1,21 @@
-"""`rissole-edge bench`: latency and memory of generation, each configuration in its own
-child process so that the peak RSS the OS reports belongs to that configuration alone.
+"""`rissole-edge bench`: latency and memory of generation, and the thread plans against the
+options they choose between.
 
-A child (`python -m rissole_edge.bench CONFIG_JSON`) opens the bundle, times what it is asked
-to, and prints one JSON line with its timings and its peak RSS (VmHWM).
+Each configuration runs in its own child process (`python -m rissole_edge.bench CONFIG_JSON`,
+one JSON line out) so that the peak RSS the OS reports belongs to that configuration alone.
+The thread-plan comparison runs in one child instead, in interleaved rounds, so that a busy
+machine slows every option alike: for each group size, the default plan against 1 and 2
+worker threads, and for single denoiser calls, one thread against 2 intra-op threads and 2
+workers on halves (the options workers.py chooses between).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +31,7 @@ def _child(cfg: dict) -> dict:
     from .generator import Generator
     imported = time.perf_counter()
     out: dict = {"config": cfg}
-    gen = Generator.open(cfg["bundle"], memory_budget=cfg.get("budget"), threads=cfg["threads"],
-                         spin=cfg.get("spin", True))
+    gen = Generator.open(cfg["bundle"], memory_budget=cfg.get("budget"), threads=cfg["threads"])
     opened = time.perf_counter()
     gen.generate(1, seed=0, steps=cfg["steps"], as_array=True)
     first = time.perf_counter()
@@ -42,28 +45,74 @@ def _child(cfg: dict) -> dict:
         gen.generate(1, seed=1, first_index=i, steps=cfg["steps"], as_array=True)
         times.append(time.perf_counter() - t0)
     out["warm_image_s"] = float(np.median(times))
-    out["warm_image_cpu_s"] = (time.process_time() - cpu0) / n    # all threads: what spinning costs
+    out["warm_image_cpu_s"] = (time.process_time() - cpu0) / n    # all threads
     t0 = time.perf_counter()
     gen.generate(n, seed=2, steps=cfg["steps"], as_array=True)
     out["batched_images_per_s"] = n / (time.perf_counter() - t0)
-    spec = gen.spec
-    for blocks in sorted({1, spec.positions, min(gen.plan.blocks_per_call, 256)}):
-        feeds = {"x": np.zeros((blocks, spec.latent_channels, spec.block_side, spec.block_side), np.float32),
-                 "t": np.full(blocks, 500.0, np.float32), "pos": np.zeros(blocks, np.int64)}
-        if spec.k:
-            feeds["cond"] = np.zeros((blocks, spec.k * spec.latent_channels, spec.block_side, spec.block_side),
-                                     np.float32)
-        out[f"denoiser_call_ms_b{blocks}"] = median_seconds(lambda: gen.denoiser.run(["eps"], feeds), 20) * 1e3
     gen.close()
     out["peak_rss_mb"] = budget.rss()[1] / 2 ** 20
     return out
 
 
-def run_child(cfg: dict, timeout: float = 600) -> dict:
+def _plans(cfg: dict) -> dict:
+    """The default thread plan against the options it chooses between, interleaved rounds."""
+    import onnxruntime as ort
+
+    from . import workers
+    from .generator import Generator
+
+    options = {"1 thread": 1, "2 threads": 2, "default": None}
+    gens = {name: Generator.open(cfg["bundle"], threads=t) for name, t in options.items()}
+    spec, rounds = gens["default"].spec, cfg["rounds"]
+    out: dict = {"config": cfg, "cores": workers.cores(), "generate_ms_per_image": {}, "calls_ms": {}}
+    for n in cfg["sizes"]:
+        times: dict[str, list[float]] = {name: [] for name in gens}
+        for r in range(rounds):
+            for name, gen in gens.items():
+                t0 = time.perf_counter()
+                gen.generate(n, seed=r, steps=cfg["steps"], as_array=True)
+                times[name].append((time.perf_counter() - t0) * 1e3 / n)
+        out["generate_ms_per_image"][f"n={n} ({n * spec.positions} blocks)"] = _summary(times)
+
+    one = gens["1 thread"].denoiser                 # every Generator's sessions are single-threaded
+    inputs = {i.name for i in one.get_inputs()}
+    threaded = ort.SessionOptions()
+    threaded.intra_op_num_threads = 2
+    intra = ort.InferenceSession(gens["1 thread"].bundle.read("denoiser.onnx"), threaded,
+                                 providers=["CPUExecutionProvider"])
+    for rows in cfg["rows"]:
+        feeds = workers.dummy_feeds(spec, rows, inputs)
+        halves = [{k: v[a:a + -(-rows // 2)] for k, v in feeds.items()} for a in (0, -(-rows // 2))]
+        repeats = max(5, 2000 // rows)
+
+        def calls(session, feeds_list, threads):      # as generation runs them: one handover per many calls
+            workers.run(lambda f: [session.run(["eps"], f) for _ in range(repeats)], feeds_list, threads)
+
+        contenders = {"1 thread": lambda: calls(one, [feeds], 1), "2 intra-op threads": lambda: calls(intra, [feeds], 1),
+                   "2 workers on halves": lambda: calls(one, halves, 2)}
+        times = {name: [] for name in contenders}
+        for _ in range(rounds):
+            for name, run in contenders.items():
+                times[name].append(median_seconds(run, 1, warmup=1) * 1e3 / repeats)
+        out["calls_ms"][f"{rows} rows"] = _summary(times)
+    for gen in gens.values():
+        gen.close()
+    return out
+
+
+def _summary(times: dict[str, list[float]]) -> dict:
+    """Median per option, each one's speed-up over 1 thread, and the fastest."""
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"median": {k: round(v, 4) for k, v in median.items()},
+            "speedup_over_1_thread": {k: round(median["1 thread"] / v, 3) for k, v in median.items()},
+            "fastest": min(median, key=median.get)}
+
+
+def run_child(cfg: dict, timeout: float = 900) -> dict:
     """Run one configuration in a fresh interpreter and return what it measured."""
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "rissole_edge.bench", json.dumps(cfg)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])})
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or ["no output"]
         return {"config": cfg, "error": lines[-1]}
@@ -72,32 +121,53 @@ def run_child(cfg: dict, timeout: float = 600) -> dict:
     return result
 
 
-def bench(bundle: Path, quick: bool = False) -> list[dict]:
-    """The standard set: default settings, 1 and 2 threads, and (not quick) 2 threads with
-    sleeping instead of spinning idle threads, and with a tight memory budget."""
+def bench(bundle: Path, quick: bool = False) -> dict:
+    """Per-process rows (the default plan, 1 and 2 threads, and not quick the minimum memory
+    budget) and the interleaved thread-plan comparison."""
     steps, images = (5, 2) if quick else (50, 8)
-    configs = [{"bundle": str(bundle), "threads": t, "steps": steps, "images": images} for t in (1, 2)]
+    configs = [{"bundle": str(bundle), "threads": t, "steps": steps, "images": images} for t in (None, 1, 2)]
     if not quick:
-        configs.append({"bundle": str(bundle), "threads": 2, "steps": steps, "images": images, "spin": False})
-        configs.append({"bundle": str(bundle), "threads": 2, "steps": steps, "images": images, "budget": "minimum"})
-    results = []
-    for cfg in configs:
-        if cfg.get("budget") == "minimum":
-            cfg["budget"] = minimum_budget(bundle)
-        results.append(run_child(cfg))
-    return results
+        configs.append({"bundle": str(bundle), "threads": None, "steps": steps, "images": images,
+                        "budget": minimum_budget(bundle)})
+    plans = {"bundle": str(bundle), "plans": True, "steps": steps, "rounds": 2 if quick else 5,
+             "sizes": [1, 16] if quick else [1, 4, 16, 64], "rows": [16, 256] if quick else [4, 16, 64, 256]}
+    return {"configs": [run_child(cfg) for cfg in configs], "plans": run_child(plans)}
+
+
+def lines(results: dict) -> list[str]:
+    """`bench`'s report as text, one line per configuration, size and call."""
+    out = []
+    for r in results["configs"]:
+        c = r["config"]
+        name = (f"threads={c['threads'] or 'default'} steps={c['steps']}"
+                + (f" budget={c['budget'] / 2 ** 20:.0f}MB" if c.get("budget") else ""))
+        if "error" in r:
+            out.append(f"{name}: failed: {r['error']}")
+            continue
+        out.append(f"{name}: cold {r['cold_s']:.2f} s (open {r['open_s']:.3f} s), warm {r['warm_image_s'] * 1e3:.0f} "
+                   f"ms/image (CPU {r['warm_image_cpu_s'] * 1e3:.0f} ms), batched {r['batched_images_per_s']:.1f} "
+                   f"images/s, peak RSS {r['peak_rss_mb']:.1f} MB ({r['plan']})")
+    plans = results["plans"]
+    if "error" in plans:
+        return out + [f"thread plans: failed: {plans['error']}"]
+    out.append(f"thread plans on {plans['cores']} cores, medians of interleaved rounds (speed-up over 1 thread):")
+    for kind, unit in (("generate_ms_per_image", "ms/image"), ("calls_ms", "ms/call")):
+        for size, row in plans[kind].items():
+            cells = ", ".join(f"{name} {row['median'][name]:.2f} {unit} ({row['speedup_over_1_thread'][name]:.2f}x)"
+                              for name in row["median"])
+            out.append(f"  {size}: {cells}; fastest: {row['fastest']}")
+    return out
 
 
 def minimum_budget(bundle: Path) -> int:
-    """The smallest budget the runtime accepts for this bundle, asked of a fresh process."""
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run([sys.executable, "-m", "rissole_edge", "generate", "-m", str(bundle),
-                               "--memory-budget", "1MB", "-o", tmp], capture_output=True, text=True)
-    text = proc.stderr.strip()
-    if "at least " not in text:
-        raise RuntimeError(f"could not learn the minimum budget: {text}")
-    return (int(text.split("at least ")[1].rstrip("MB")) + 1) * 2 ** 20
+    """The smallest budget the runtime accepts for this bundle (bytes)."""
+    from .bundle import Bundle, Spec
+
+    b = Bundle.open(bundle)
+    spec = Spec.from_manifest(b.manifest)
+    return budget.minimum(spec, budget.fixed(b), budget.passes(spec, spec.guidance))
 
 
 if __name__ == "__main__":
-    print(json.dumps(_child(json.loads(sys.argv[1]))))
+    config = json.loads(sys.argv[1])
+    print(json.dumps(_plans(config) if config.get("plans") else _child(config)))

@@ -1,24 +1,45 @@
-"""The memory planner: how many blocks one denoiser call may take so that the whole process's
-peak RSS stays under the user's budget, and whether the budget can work at all.
+"""The memory planner: how many denoiser rows may be in flight and how many images one
+decoder call may take so that the process's peak RSS stays under the user's budget, and the
+smallest budget that can work.
 
-Figures come from the OS (/proc/self/status: VmRSS now, VmHWM peak) plus the activation bytes
-per block and per decoded image that the exporter measured on the ONNX graphs (manifest).
+The figures are a model of where the bytes go, each part measured on x86_64 with
+`benchmarks/memory.py` (benchmarks/results/memory.md): what a fresh process holds once it has
+imported the runtime and its CLI (RUNTIME_BASE), onnxruntime's environment, each session (a
+multiple of its model's bytes), the other members as loaded, the activations of a denoiser
+row (the exporter's count for the bundle, an upper bound) and of a decoded pixel. So the
+minimum is a function of the bundle and the plan alone, and the CLI, the API and the README
+give the same figure. A process that already holds more than RUNTIME_BASE when it opens a
+bundle (an app with other work) is planned from what it holds.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .bundle import Bundle, Spec
 
 MiB = 1 << 20
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-MARGIN = 12 * MiB           # allocator slack, Python objects, numpy temporaries, PNG encoding
-IMAGES_PER_GROUP = 16       # images whose conditions and latents are held at once under a budget
-SESSION_INIT = 18 * MiB     # onnxruntime's first session (thread pools, kernels), measured on x86_64
-MAX_BATCH_BLOCKS = 256      # past this, bigger calls stop getting faster on a CPU
+RUNTIME_BASE = 62 * MiB      # python, numpy (with numpy.random), onnxruntime, hnswlib, pillow (with its PNG
+                             # plugin), rissole_edge and its CLI: measured 60-61 MB on x86_64 CPython 3.11
+ORT_ENV = 12 * MiB           # onnxruntime's environment and kernel code, paged in by the first session
+SESSION_PER_MODEL_BYTE = 3.5 # a session holds its graph, its weights and their prepacked copies
+INDEX_FIXED = 3 * MiB        # hnswlib's own tables beside the index (locks, label map)
+INDEX_PER_BYTE = 1.2         # hnswlib's copy of the index member
+PARSE_PER_BYTE = 2           # an .npy member: its bytes and the array parsed from them
+DECODER_FIXED = 2 * MiB      # the decoder's first call, whatever its size
+DECODER_PER_PIXEL = 900      # activation bytes per decoded pixel (the shipped decoders: 820-850)
+MARGIN = 4 * MiB             # allocator slack, Python objects, numpy temporaries, PNG encoding
+DEFAULT_ROWS = 128           # rows in flight without a budget: calls past ~64 rows no longer get faster
+MAX_ROWS = 256
+DECODE_PIXELS = 4096         # pixels per decoder call: bigger calls are no faster, only bigger
+IMAGES_PER_GROUP = 16        # images whose conditions and latents are held at once (at least)
 
 
 def parse_size(text: str) -> int:
@@ -52,43 +73,69 @@ def mb(n: int) -> str:
 @dataclass(frozen=True)
 class Plan:
     """How a Generator works within its budget."""
-    blocks_per_call: int       # blocks denoised together (across images)
+    blocks_per_call: int       # blocks in flight: one call's, or shared by the worker threads' calls
     images_per_decode: int
     budget: int | None
-    images_per_group: int = 1 << 30   # images generated together; bounded under a budget
+    images_per_group: int = IMAGES_PER_GROUP   # images generated together
     passes: int = 1            # denoiser rows per block per call (2: guidance's cond + uncond rows)
 
     def describe(self) -> str:
-        return (f"{self.blocks_per_call} blocks per denoiser call, {self.images_per_decode} images per "
+        return (f"{self.blocks_per_call} blocks in flight per denoiser step, {self.images_per_decode} images per "
                 f"decoder call" + (f", budget {mb(self.budget)}" if self.budget else ""))
 
 
-def check_before_loading(budget: int | None, load_bytes: int) -> None:
-    """Refuse a budget that loading the bundle alone would exceed, before loading it."""
-    if budget is None:
-        return
-    now, _ = rss()
-    need = now + SESSION_INIT + load_bytes + MARGIN
-    if need > budget:
-        raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: "
-                         f"at least {mb(need)}")
+def passes(spec: Spec, guidance: float) -> int:
+    """Denoiser rows per block per step: guidance runs the conditional and the unconditional
+    pass of a block in the same call, so the planner must count both."""
+    return 2 if spec.k and guidance != 1.0 else 1
 
 
-def make_plan(budget: int | None, block_bytes: int, image_bytes: int, positions: int, passes: int = 1) -> Plan:
-    """Blocks per call and images per decode that fit next to what the process holds now; a
-    block costs `passes` rows of a denoiser call (2 under guidance: cond and uncond together)."""
+def held(bundle: Bundle) -> int:
+    """What an open Generator holds beyond the runtime's imports (bytes, before generating):
+    onnxruntime's environment, a session per ONNX member (the encoder's opens with the first
+    --like query), hnswlib's index and the other members as loaded."""
+    size = {name: m.size for name, m in bundle.members.items()}
+    onnx = sum(n for name, n in size.items() if name.endswith(".onnx"))
+    arrays = sum(n for name, n in size.items() if name.endswith(".npy"))
+    index = INDEX_FIXED + INDEX_PER_BYTE * size.get("index.bin", 0)
+    return int(ORT_ENV + SESSION_PER_MODEL_BYTE * onnx + index + PARSE_PER_BYTE * arrays)
+
+
+def fixed(bundle: Bundle) -> int:
+    """Bytes the process holds with the bundle open and before generating: the runtime (or
+    what this process holds now, if more), the bundle, and a margin. Call it before opening."""
+    return max(RUNTIME_BASE, rss()[0]) + held(bundle) + MARGIN
+
+
+def decode_bytes(spec: Spec, images: int) -> int:
+    per_image = max(spec.image_bytes, DECODER_PER_PIXEL * spec.image_size ** 2)
+    return DECODER_FIXED + images * per_image
+
+
+def minimum(spec: Spec, fixed_bytes: int, passes: int = 1) -> int:
+    """The smallest budget that works: one block in flight, one image per decoder call, next
+    to `fixed_bytes` (`fixed(bundle)`)."""
+    return fixed_bytes + passes * spec.block_bytes + decode_bytes(spec, 1)
+
+
+def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1) -> Plan:
+    """Blocks in flight and images per decode that fit in the budget next to `fixed_bytes`
+    (`fixed`, taken before the bundle was opened); a block costs `passes` rows (2 under
+    guidance: cond and uncond in the same call). Refuses a budget below the minimum."""
+    pixels = spec.image_size ** 2
+    decode = max(1, DECODE_PIXELS // pixels)
     if budget is None:
-        # Groups stay bounded even without a budget, so that a caller gets finished images as it
-        # goes (the CLI writes them), while one group still fills a whole denoiser call.
-        return Plan(MAX_BATCH_BLOCKS // passes, 16, None,
-                    max(IMAGES_PER_GROUP, MAX_BATCH_BLOCKS // max(positions, 1)), passes)
-    now, peak = rss()
-    base = max(now, peak)
-    minimum = base + passes * block_bytes + image_bytes + MARGIN
-    if budget < minimum:
-        raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: "
-                         f"at least {mb(minimum)}")
-    free = budget - base - MARGIN
-    blocks = max(1, min(MAX_BATCH_BLOCKS, (free - image_bytes) // max(block_bytes, 1)) // passes)
-    images = max(1, min(16, free // max(image_bytes, 1), blocks // max(positions, 1) or 1))
-    return Plan(int(blocks), int(images), budget, IMAGES_PER_GROUP, passes)
+        rows = DEFAULT_ROWS
+    else:
+        least = minimum(spec, fixed_bytes, passes)
+        if budget < least:
+            raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: at least {mb(least)}")
+        free = budget - fixed_bytes
+        while decode > 1 and decode_bytes(spec, decode) > free // 2:
+            decode //= 2
+        rows = min(MAX_ROWS, (free - decode_bytes(spec, decode)) // max(spec.block_bytes, 1))
+    blocks = max(1, rows // passes)
+    # Groups hold enough blocks for two rounds of calls on every worker (without a budget; under
+    # one, IMAGES_PER_GROUP), so that a caller gets finished images as it goes (the CLI writes them).
+    group = IMAGES_PER_GROUP if budget else max(IMAGES_PER_GROUP, 2 * blocks // max(spec.positions, 1))
+    return Plan(int(blocks), int(decode), budget, int(group), passes)

@@ -18,7 +18,6 @@ used, and nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
@@ -32,6 +31,14 @@ import numpy as np
 from . import ed25519, sampler
 from .errors import RissoleError
 from .schedule import SCHEDULES
+
+try:    # CPython's own SHA-256: hashlib would load OpenSSL's libcrypto, 3.6 MB of RSS in every process
+    from _sha2 import sha256                 # CPython >= 3.12
+except ImportError:
+    try:
+        from _sha256 import sha256           # CPython 3.10, 3.11
+    except ImportError:
+        from hashlib import sha256
 
 MAGIC = b"RISSOLE\0"
 FORMAT_VERSION = 1
@@ -72,7 +79,7 @@ class Bundle:
     def in_memory(cls, manifest: dict[str, Any], data: dict[str, bytes]) -> "Bundle":
         """A bundle that lives only in memory (the exporter's parity check), so that no file
         that looks like a bundle exists before the real one is complete."""
-        members = {name: Member(name, 0, len(d), hashlib.sha256(d).hexdigest()) for name, d in data.items()}
+        members = {name: Member(name, 0, len(d), sha256(d).hexdigest()) for name, d in data.items()}
         return cls(Path("<memory>"), manifest, members, 0, dict(data))
 
     @classmethod
@@ -98,7 +105,7 @@ class Bundle:
             raise BundleError(f"{path} is a folder, not a bundle") from None
         except OSError as e:
             raise BundleError(f"cannot read bundle {path}: {e.strerror}") from None
-        if hashlib.sha256(raw).digest() != digest:
+        if sha256(raw).digest() != digest:
             raise BundleError(f"{path} is damaged: the manifest does not match its checksum")
         signed = any(signer) or any(signature)
         if signed and not ed25519.verify(signer, raw, signature):
@@ -127,7 +134,7 @@ class Bundle:
             with open(self.path, "rb") as f:
                 f.seek(self._start + m.offset)
                 data = f.read(m.size)
-        if len(data) != m.size or hashlib.sha256(data).hexdigest() != m.sha256:
+        if len(data) != m.size or sha256(data).hexdigest() != m.sha256:
             raise BundleError(f"{self.path} is damaged: member {name} does not match its checksum")
         return data
 

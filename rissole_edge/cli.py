@@ -87,8 +87,7 @@ def generate(
     sampler_name: Optional[str] = typer.Option(None, "--sampler", help=f"{_samplers.describe()}. Default: the bundle's recommended sampler (see info), else ddim."),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="Neighbour guidance scale (1 = plain conditioning; default: the bundle's recommended scale, see info)."),
     memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="Peak RSS limit, e.g. 160MB (refused, with the minimum, if too small)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime threads (default: up to 4)."),
-    spin: bool = typer.Option(True, "--spin/--no-spin", help="--no-spin: idle threads sleep instead of busy-waiting: less CPU, a little slower."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Worker threads for the denoiser (default: the plan's choice: one per core when the work per call pays for it, else one)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Folder for the PNGs (seedS-NNNN.png), written group by group (default: a new generated/NNN per run)."),
     grid_file: Optional[Path] = typer.Option(None, "--grid", help="Also write all images as one grid PNG."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing PNGs of the same names (default: refuse before any work)."),
@@ -117,7 +116,7 @@ def generate(
     on_preview = preview_grid(preview) if preview is not None else None
     t0 = time.perf_counter()
     with Generator.open(model, memory_budget=memory_budget, threads=threads,
-                        trusted_keys=_trusted(trusted_key), spin=spin) as gen:
+                        trusted_keys=_trusted(trusted_key)) as gen:
         t_open = time.perf_counter() - t0
         bar = Progress(n, "images", enabled=None if not json_out else False)
         t1 = time.perf_counter()
@@ -155,29 +154,19 @@ def _trusted(paths: Optional[list[Path]]) -> Optional[list[bytes]]:
 @app.command()
 def bench(
     model: Optional[str] = typer.Option(None, "-m", "--model", help=_bundle_help() + " Default: the first."),
-    quick: bool = typer.Option(False, "--quick", help="A few seconds: 5 steps, 2 images, no budget run."),
+    quick: bool = typer.Option(False, "--quick", help="Seconds, not minutes: 5 steps, 2 images, fewer sizes, no budget run."),
     json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Measure cold and warm latency, denoiser call time, batched throughput and peak RSS."""
+    """Measure cold and warm latency, batched throughput and peak RSS, and the thread plans against their options."""
     from .bench import bench as run_bench
+    from .bench import lines
     from .bundle import Bundle
     from .shipped import resolve
 
     path = resolve(model)
     Bundle.open(path)                      # a bad bundle fails here, in one line
     results = run_bench(path, quick)
-    if json_out:
-        typer.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        c = r["config"]
-        name = (f"threads={c['threads']} steps={c['steps']}" + ("" if c.get("spin", True) else " no-spin")
-                + (f" budget={c['budget'] / 2 ** 20:.0f}MB" if c.get("budget") else ""))
-        if "error" in r:
-            typer.echo(f"{name}: failed: {r['error']}")
-            continue
-        typer.echo(f"{name}: cold {r['cold_s']:.2f} s (open {r['open_s']:.3f} s), warm {r['warm_image_s'] * 1e3:.0f} ms/image, "
-                   f"(CPU {r['warm_image_cpu_s'] * 1e3:.0f} ms), batched {r['batched_images_per_s']:.1f} images/s, peak RSS {r['peak_rss_mb']:.1f} MB ({r['plan']})")
+    typer.echo(json.dumps(results, indent=2) if json_out else "\n".join(lines(results)))
 
 
 @app.command("export")

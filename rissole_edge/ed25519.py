@@ -11,7 +11,6 @@ key, the manifest, the signature). Signing and key generation handle the secret 
 
 from __future__ import annotations
 
-import hashlib
 
 _P = 2 ** 255 - 19
 _Q = 2 ** 252 + 27742317777372353535851937790883648493
@@ -73,6 +72,8 @@ def _decompress(data: bytes) -> Point | None:
 
 
 def _hash_int(data: bytes) -> int:
+    import hashlib      # here: only signed bundles need it, and it loads OpenSSL (3.6 MB of RSS)
+
     return int.from_bytes(hashlib.sha512(data).digest(), "little") % _Q
 
 

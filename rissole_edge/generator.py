@@ -8,7 +8,6 @@ serialised on the heavy part so that the process stays within its memory budget.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +17,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from . import blocks, budget, rng, sampler, shipped
+from . import blocks, budget, rng, sampler, shipped, workers
 from .preview import Preview, PreviewFn, default_every
 from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
 from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
-from .onnx_guard import check_self_contained
 from .retrieval import Database
 from .schedule import alphas_cumprod
 
@@ -47,27 +45,6 @@ class Query:
             raise UsageError(f"a Query takes at most one of entry, like and label, got {' and '.join(given)}")
 
 
-def _session(model: bytes, name: str, threads: int, low_memory: bool, spin: bool) -> ort.InferenceSession:
-    check_self_contained(model, name)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    if not spin:     # idle worker threads sleep instead of busy-waiting between runs: less CPU, a bit slower
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if low_memory:   # no arena: freed activations go back to the OS, so RSS tracks what is live
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-    try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
-        raise BundleError(f"the bundle's {name} does not load in onnxruntime: {_first_line(e)}") from None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:200]
-
-
 def _check_signature(session: ort.InferenceSession, name: str, expected: dict[str, tuple]) -> None:
     """The model's declared inputs/outputs must have the shapes the manifest implies (the batch
     axis is free), so a manifest that disagrees with its models is refused at open."""
@@ -84,19 +61,18 @@ def _run(session: ort.InferenceSession, name: str, outputs: list[str], feeds: di
     try:
         return session.run(outputs, feeds)
     except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
-        raise BundleError(f"the bundle's {name} failed: {_first_line(e)}") from None
+        raise BundleError(f"the bundle's {name} failed: {workers.first_line(e)}") from None
 
 
 class Generator:
     """A loaded bundle that generates images. Use `Generator.open(...)`."""
 
-    def __init__(self, bundle: Bundle, spec: Spec, threads: int, memory_budget: int | None, spin: bool = True):
-        self.bundle, self.spec = bundle, spec
-        self._session_args = (threads, memory_budget is not None, spin)
-        self.denoiser = _session(bundle.read("denoiser.onnx"), "denoiser", *self._session_args)
+    def __init__(self, bundle: Bundle, spec: Spec, threads: int | None, plan: budget.Plan):
+        self.bundle, self.spec, self.threads, self.plan = bundle, spec, threads, plan
+        self.denoiser = workers.session(bundle, "denoiser.onnx")
         # The exporter drops inputs a model ignores (pos when there is one block position).
         self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
-        self.decoder = _session(bundle.read("decoder.onnx"), "decoder", *self._session_args)
+        self.decoder = workers.session(bundle, "decoder.onnx")
         c, s, z = spec.latent_channels, spec.block_side, spec.latent_side
         _check_signature(self.denoiser, "denoiser", {"x": (None, c, s, s), "cond": (None, spec.k * c, s, s),
                                                      "eps": (None, c, s, s)})
@@ -105,25 +81,23 @@ class Generator:
                                                              spec.image_size)})
         if spec.k and "cond" not in self._denoiser_inputs:
             raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
+        self._row_ms = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
         self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
-        self.plan = budget.make_plan(memory_budget, spec.block_bytes, spec.image_bytes, spec.positions,
-                                     passes=self._passes(spec.guidance))
         self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
     def open(cls, path: str | Path | Bundle | None = None, memory_budget: int | str | None = None,
-             threads: int | None = None, trusted_keys: list[bytes] | None = None,
-             spin: bool = True) -> "Generator":
+             threads: int | None = None, trusted_keys: list[bytes] | None = None) -> "Generator":
         """Open a bundle (a .rissole path or a shipped name such as "twemoji"; default: the
         shipped default) within a memory budget
         (bytes, or a size such as "96MB"); refuses a budget the bundle cannot fit. With
         `trusted_keys` (Ed25519 public keys), refuses bundles not signed by one of them.
-        `spin=False` lets onnxruntime's idle threads sleep rather than busy-wait between the many
-        small block runs: 20-40% less CPU time per image, latency within 20% either way
-        (`rissole-edge bench`), the better trade on battery or beside other work."""
+        `threads` None lets the plan choose, per group of images, how many cores to use from
+        the work per denoiser call (workers.py; one thread for small calls); a number uses
+        exactly that many worker threads."""
         budget_bytes = budget.parse_size(memory_budget) if isinstance(memory_budget, str) else memory_budget
         if threads is not None and not 1 <= threads <= 256:
             raise UsageError(f"threads must be between 1 and 256, got {threads}")
@@ -134,9 +108,9 @@ class Generator:
         else:
             bundle = Bundle.open(shipped.resolve(path), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
-        load = sum(m.size for m in bundle.members.values())
-        budget.check_before_loading(budget_bytes, 4 * load)   # bytes read, parsed copies, live objects
-        return cls(bundle, spec, threads or min(4, os.cpu_count() or 1), budget_bytes, spin)
+        # Planned (and a budget too small refused) before anything is loaded.
+        plan = budget.make_plan(budget_bytes, spec, budget.fixed(bundle), budget.passes(spec, spec.guidance))
+        return cls(bundle, spec, threads, plan)
 
     def __enter__(self) -> "Generator":
         return self
@@ -248,7 +222,7 @@ class Generator:
         if "encoder.onnx" not in self.bundle.members:
             raise UsageError("this bundle has no encoder, so it cannot search by image")
         if self.encoder is None:
-            self.encoder = _session(self.bundle.read("encoder.onnx"), "encoder", *self._session_args)
+            self.encoder = workers.session(self.bundle, "encoder.onnx")
         return self.encoder
 
     def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -270,23 +244,20 @@ class Generator:
         own = blocks.split(codes[:, None].astype(self.db.codes.dtype), self.spec.blocks_per_side)[0, :, 0]
         return self.db.key_of_latent(latent[0]), own
 
-    def _passes(self, guidance: float) -> int:
-        """Denoiser rows per block per step: guidance runs the conditional and the unconditional
-        pass of a block in the same call, so the memory planner must count both."""
-        return 2 if self.spec.k and guidance != 1.0 else 1
-
     def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
                  guidance: float, preview: Preview | None = None) -> np.ndarray:
-        """All n*P blocks, in chunks of `plan.blocks_per_call`, each chunk run through every step.
+        """All n*P blocks, in chunks of at most `plan.blocks_per_call`, each chunk run through
+        every step; the thread plan (workers.py) says how many threads take chunks and how big.
         Work items are (row, position); row r is image number ids[r]."""
         spec = self.spec
         shape = (spec.positions, spec.latent_channels, spec.block_side, spec.block_side)
         work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
         # A plan made for unguided calls holds half as many guided blocks (two rows each).
-        chunk = max(1, self.plan.blocks_per_call * self.plan.passes // self._passes(guidance))
+        passes = budget.passes(self.spec, guidance)
+        chunk = max(1, self.plan.blocks_per_call * self.plan.passes // passes)
         out = np.empty((len(ids),) + shape, np.float32)
-        for start in range(0, len(work), chunk):
-            items = work[start:start + chunk]
+
+        def run_chunk(items: list[tuple[int, int]]) -> None:
             img = np.array([i for i, _ in items])
             pos = np.array([p for _, p in items], dtype=np.int64)
             x = np.stack([rng.initial_noise(seed, ids[r], shape)[p] for r, p in items])
@@ -315,6 +286,11 @@ class Generator:
                 (lambda step, x0, numbers=numbers, pos=pos: preview.update(numbers, pos, step, x0))
             x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, on_step)
             out[img, pos] = x
+
+        rows = len(work) * passes
+        plan = workers.choose(rows, chunk * passes, self._row_ms, self.threads)
+        per_call = max(1, plan.rows_per_call // passes)
+        workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers)
         return out
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:
@@ -325,4 +301,3 @@ class Generator:
             z = np.ascontiguousarray(whole[start:start + self.plan.images_per_decode])
             out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
-

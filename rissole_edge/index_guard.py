@@ -40,12 +40,15 @@ def check_index(data: bytes, elements: int, dim: int) -> None:
     level0_end = _HEADER.size + count * per_element
     if len(data) < level0_end:
         raise bad("truncated level-0 data")
-    level0 = np.frombuffer(data, np.uint8, count * per_element, _HEADER.size).reshape(count, per_element)
-    sizes = level0[:, :2].copy().view(np.uint16)[:, 0]
-    ids = level0[:, 4:links0].copy().view(np.uint32)
+    def field(dtype: str, offset: int, width: int) -> np.ndarray:
+        """Column `offset` of every level-0 element, `width` values wide: a view, no copy."""
+        return np.ndarray((count, width), dtype, data, _HEADER.size + offset, (per_element, np.dtype(dtype).itemsize))
+
+    sizes = field("<u2", 0, 1)[:, 0]
+    ids = field("<u4", 4, max_m0)
     used = np.arange(max_m0)[None, :] < sizes[:, None]
-    labels = level0[:, label_offset:label_offset + 8].copy().view(np.uint64)[:, 0]
-    vectors = level0[:, data_offset:label_offset].copy().view(np.float32)
+    labels = field("<u8", label_offset, 1)[:, 0]
+    vectors = field("<f4", data_offset, dim)
     if (sizes > max_m0).any() or (ids[used] >= count).any():
         raise bad("a level-0 neighbour list points outside the index")
     if not np.array_equal(np.sort(labels), np.arange(count, dtype=np.uint64)) or not np.isfinite(vectors).all():

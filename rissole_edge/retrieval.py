@@ -48,13 +48,17 @@ def project(keys: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.nd
     return _unit_rows((keys - mean) @ components.T)
 
 
-def load_index(data: bytes, spec: Spec) -> hnswlib.Index:
-    """hnswlib loads only from a path: check the member, then write it to a private temp file."""
+def load_index(bundle: Bundle, spec: Spec) -> hnswlib.Index:
+    """hnswlib loads only from a path: check the member, then write it to a private temp file.
+    Its bytes are dropped before hnswlib reads the file, so that the process never holds the
+    index twice."""
+    data = bundle.read("index.bin")
     check_index(data, spec.images, spec.key_dim)
     fd, path = tempfile.mkstemp(prefix="rissole-index-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        del data
         index = hnswlib.Index(space="ip", dim=spec.key_dim)
         index.load_index(path, max_elements=spec.images)
     except RuntimeError as e:
@@ -84,7 +88,7 @@ class Database:
         if self.pca_mean.shape != (key_size,) or self.pca.shape != (spec.key_dim, key_size):
             raise BundleError("the bundle's key projection does not match its key and key_dim")
         self.labels = (bundle.array("labels.npy", "int64", (spec.images,)) if spec.labels else None)
-        self.index = load_index(bundle.read("index.bin"), spec)
+        self.index = load_index(bundle, spec)
         self.index.set_ef(max(spec.ef, spec.window + 1))
         self._lock = threading.Lock()       # hnswlib's set_ef/filter state is per index
 

@@ -74,8 +74,10 @@ def test_guided_image_i_is_the_same_alone_in_a_batch_and_at_any_thread_count(sam
 
 def test_the_planner_counts_both_guidance_rows(tiny_bundle):
     from rissole_edge import budget
-    plain = budget.make_plan(None, 1000, 1000, 4)
-    guided = budget.make_plan(None, 1000, 1000, 4, passes=2)
+    from rissole_edge.bundle import Bundle, Spec
+    spec = Spec.from_manifest(Bundle.open(tiny_bundle).manifest)
+    plain = budget.make_plan(None, spec, 0)
+    guided = budget.make_plan(None, spec, 0, passes=2)
     assert guided.blocks_per_call * 2 == plain.blocks_per_call and guided.passes == 2
     with Generator.open(_with_sampling(tiny_bundle, {"guidance": 2.0})) as gen:
         assert gen.plan.passes == (2 if gen.spec.k else 1)

@@ -1,0 +1,149 @@
+"""Where the memory of a default `generate` goes, as the OS counts it (issue 16, item 3).
+
+    python benchmarks/memory.py [--python /tmp/plainvenv/bin/python] [--write]
+
+The target (80 MB peak RSS for a default `rissole-edge generate`, -n 4 and -n 1000) is about
+a plain `pip install .`, so run it with that install's interpreter (`--python`); the runtime
+measured is the one that interpreter imports. Two kinds of figures:
+
+- peaks: `rissole-edge generate -n N` (CLI) and the same work through the API, each in its
+  own process; the peak is ru_maxrss from wait4(), the figure `/usr/bin/time -v` prints as
+  "Maximum resident set size";
+- stages: a fresh interpreter imports the runtime's dependencies one at a time, then opens the
+  default bundle's parts one at a time, and VmRSS / VmHWM are read after each step (a second
+  one opens a whole Generator and generates).
+
+Prints JSON; `--write` also writes benchmarks/results/memory.json and memory.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1 << 20
+
+_RSS = """
+def rss():
+    v = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            v[line[:5]] = int(line.split()[1]) / 1024
+    return round(v["VmRSS"], 1), round(v["VmHWM"], 1)
+stages = []
+def stage(name):
+    now, peak = rss()
+    stages.append({"stage": name, "rss_mb": now, "peak_mb": peak})
+"""
+
+# The runtime's dependencies one at a time, then the bundle's parts one at a time.
+PARTS = _RSS + """
+import json, sys
+stage("python")
+import numpy; stage("+ numpy")
+import onnxruntime; stage("+ onnxruntime")
+import hnswlib; stage("+ hnswlib")
+import PIL.Image; stage("+ PIL")
+from rissole_edge import generator, retrieval, workers; stage("+ rissole_edge.generator")
+from rissole_edge.bundle import Bundle, Spec
+from rissole_edge.shipped import resolve
+bundle = Bundle.open(resolve(None)); spec = Spec.from_manifest(bundle.manifest); stage("Bundle.open")
+denoiser = workers.session(bundle, "denoiser.onnx"); stage("+ denoiser session")
+decoder = workers.session(bundle, "decoder.onnx"); stage("+ decoder session")
+db = retrieval.Database(bundle, spec); stage("+ database (index, codes, labels)")
+print(json.dumps(stages))
+"""
+
+# A whole Generator, then generation; last, the CLI module (typer) on top.
+API = _RSS + """
+import json, sys
+from rissole_edge.generator import Generator
+stage("import rissole_edge.generator")
+gen = Generator.open(); stage("Generator.open")
+for n in (4, 16, 64):
+    gen.generate(n, as_array=True); stage(f"generate({n})")
+gen.close()
+import rissole_edge.cli; stage("+ import rissole_edge.cli")
+print(json.dumps(stages))
+"""
+
+# What `generate -n N` does, through the API: open, generate, write PNGs.
+API_GENERATE = """
+import sys
+from pathlib import Path
+from rissole_edge import images
+from rissole_edge.generator import Generator
+n, out = int(sys.argv[1]), Path(sys.argv[2])
+with Generator.open() as gen:
+    for i, picture in enumerate(gen.generate(n)):
+        images.save_png(picture, out / f"{i:04d}.png")
+"""
+
+
+def peak_of(cmd: list[str]) -> float:
+    """Peak RSS (MB) of a child process as the OS counts it: ru_maxrss from wait4."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip().splitlines()[-1:]}")
+    return round(usage.ru_maxrss / 1024, 1)
+
+
+def stages(python: str, code: str) -> list[dict]:
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                          cwd=tempfile.gettempdir())    # not the checkout: its rissole_edge/ would shadow the install
+    if proc.returncode != 0:
+        raise RuntimeError(f"stage probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(python: str, sizes: list[int]) -> dict:
+    cli = str(Path(python).parent / "rissole-edge")
+    out: dict = {"python": python, "peaks_mb": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            out["peaks_mb"][f"cli generate -n {n}"] = peak_of([cli, "generate", "-n", str(n), "-o", f"{tmp}/c{n}"])
+            os.makedirs(f"{tmp}/a{n}")
+            out["peaks_mb"][f"api generate({n}) + PNGs"] = peak_of([python, "-c", API_GENERATE, str(n), f"{tmp}/a{n}"])
+    out["stages_parts"] = stages(python, PARTS)
+    out["stages_api"] = stages(python, API)
+    return out
+
+
+def markdown(r: dict) -> str:
+    lines = ["# Memory of a default `generate`", "",
+             "Produced by `python benchmarks/memory.py --python PY --write` with PY the interpreter of a plain",
+             "`pip install .` (a separate venv, non-editable). Peaks are ru_maxrss from wait4(), the figure",
+             "`/usr/bin/time -v` prints as \"Maximum resident set size\". 1 MB = 2^20 bytes.", "",
+             "| run | peak RSS (MB) |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in r["peaks_mb"].items()]
+    for key, title in (("stages_parts", "Dependencies, then the default bundle's parts, one at a time"),
+                       ("stages_api", "A whole Generator, then generation, then the CLI module on top")):
+        lines += ["", f"## {title}", "", "| stage | RSS (MB) | peak so far (MB) |", "|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['rss_mb']} | {s['peak_mb']} |" for s in r[key]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default=sys.executable, help="interpreter of the install to measure")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4, 1000])
+    parser.add_argument("--write", action="store_true", help="write results/memory.json and memory.md")
+    args = parser.parse_args()
+    result = measure(args.python, args.sizes)
+    print(json.dumps(result, indent=2))
+    if args.write:
+        (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / "memory.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""How the denoiser's work is spread over the CPU's cores: the sessions and the threading plan.
+
+One denoiser call of a shipped model is about 200 kernels of about 30 us. onnxruntime's
+intra-op threads fork and join around every kernel, so on the shipped bundles 2 intra-op
+threads measured 0.45-1.04x one thread, and far less when the other core is busy
+(`rissole-edge bench --json`, rows "calls"). Blocks are independent, so the parallelism that
+pays is across blocks: worker threads take whole chunks of blocks from one queue and carry
+each through every sampling step. All workers call the same single-threaded session:
+onnxruntime's `run` is thread-safe and releases the GIL, and a second session would cost about
+7 MB of RSS. Taking chunks from a queue, rather than a fixed half each, keeps both cores busy
+when one of them is shared with another process.
+
+A worker pays only when its share of a call is work enough to hide the handover, so the plan
+is chosen from the work per call measured on this machine (`probe`): small calls run on one
+thread. Chunks never change what a block computes (onnxruntime's kernels give the same
+result for a row whatever the batch; tests/test_runtime.py checks it), so every plan gives
+the same pixels.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle, BundleError, Spec
+from .onnx_guard import check_self_contained
+
+# Work (ms of one thread) a worker's call must hold before a second worker pays for itself:
+# measured with `rissole-edge bench` (rows "calls") on a shared 2-core x86_64 machine.
+MIN_WORK_PER_WORKER_MS = 2.0
+PROBE_ROWS = 8               # rows of the call timed at open
+Item = TypeVar("Item")
+
+
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not Linux
+        return os.cpu_count() or 1
+
+
+def idle_cores() -> int:
+    """Cores that no other work is running on right now: all of them, less the threads the
+    kernel counts as runnable (/proc/loadavg) other than this one (median of three looks, 1 ms
+    apart). A second worker on a core that another process keeps busy only adds a handover
+    (measured 0.79x on calls of 256 rows under a load of 9 on 2 cores). All cores where the
+    kernel does not say."""
+    looks = []
+    try:
+        for _ in range(3):
+            with open("/proc/loadavg") as f:
+                looks.append(int(f.read().split()[3].split("/")[0]))
+            time.sleep(0.001)
+    except (OSError, ValueError, IndexError):
+        return cores()
+    return max(1, cores() - (sorted(looks)[1] - 1))
+
+
+def session(bundle: Bundle, member: str) -> ort.InferenceSession:
+    """A single-threaded session of one of the bundle's ONNX members. The member's bytes live
+    only until onnxruntime has parsed them."""
+    name = member.removesuffix(".onnx")
+    model = bundle.read(member)
+    check_self_contained(model, name)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
+        raise BundleError(f"the bundle's {name} does not load in onnxruntime: {first_line(e)}") from None
+
+
+def first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def dummy_feeds(spec: Spec, rows: int, inputs: set[str]) -> dict[str, np.ndarray]:
+    """Manifest-shaped denoiser inputs of `rows` rows (timing and probing; the values do not
+    change the work)."""
+    c, s = spec.latent_channels, spec.block_side
+    feeds = {"x": np.zeros((rows, c, s, s), np.float32), "t": np.full(rows, 500.0, np.float32),
+             "pos": np.zeros(rows, np.int64), "cond": np.zeros((rows, spec.k * c, s, s), np.float32)}
+    return {k: v for k, v in feeds.items() if k in inputs}
+
+
+def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float:
+    """Milliseconds of one thread per denoiser row on this machine: the faster of two calls
+    of PROBE_ROWS rows, after one that warms the session up."""
+    feeds = dummy_feeds(spec, PROBE_ROWS, inputs)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        denoiser.run(["eps"], feeds)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:]) * 1e3 / PROBE_ROWS
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """How one group's denoiser rows are run."""
+    workers: int              # threads, each taking whole chunks from one queue
+    rows_per_call: int        # rows of one chunk (one denoiser call per sampling step)
+
+
+def choose(rows: int, max_rows_per_call: int, row_ms: float, threads: int | None) -> ThreadPlan:
+    """The plan for `rows` rows in flight at most `max_rows_per_call` at a time (the memory
+    plan's bound, shared by all workers). `threads` None: as many workers as cores, but only
+    as many as each get MIN_WORK_PER_WORKER_MS of work per call, and only on cores that are
+    idle now; a number: exactly that many (as far as there are rows), as asked."""
+    if threads is None:
+        useful = int(rows * row_ms // MIN_WORK_PER_WORKER_MS)
+        threads = max(1, min(useful, idle_cores() if useful > 1 else 1))
+    workers = max(1, min(threads, rows, max_rows_per_call))
+    per_call = max(1, min(max_rows_per_call // workers, -(-rows // workers)))
+    return ThreadPlan(workers, per_call)
+
+
+def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> None:
+    """job(chunk) for every chunk, on `workers` threads that take chunks in order from one
+    queue (the calling thread is one of them). The first error stops the others' taking and
+    is raised here."""
+    if workers <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            job(chunk)
+        return
+    lock = threading.Lock()
+    pending = iter(chunks)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                chunk = next(pending, None) if not errors else None
+            if chunk is None:
+                return
+            try:
+                job(chunk)
+            except BaseException as e:   # re-raised in the caller's thread
+                with lock:
+                    errors.append(e)
+                return
+
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(chunks)) - 1)]
+    for t in helpers:
+        t.start()
+    work()
+    for t in helpers:
+        t.join()
+    if errors:
+        raise errors[0]
