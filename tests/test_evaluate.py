@@ -184,6 +184,8 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     per_label = result["label_accuracy_per_label"]
     assert per_label and all(_is_share_of(v, 20) for v in per_label.values())      # 20 images per label
     assert result["label_accuracy"] == pytest.approx(sum(per_label.values()) / len(per_label))
+    per_test_label = result["classifier_test_accuracy_per_label"]
+    assert set(per_label) <= set(per_test_label) and all(0 <= x <= 1 for x in per_test_label.values())
     assert lines, "evaluate reports progress through log"
 
 
