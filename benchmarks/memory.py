@@ -51,6 +51,9 @@ import onnxruntime; stage("+ onnxruntime")
 import hnswlib; stage("+ hnswlib")
 import PIL.Image; stage("+ PIL")
 from rissole_edge import generator, retrieval, workers; stage("+ rissole_edge.generator")
+import numpy.random; stage("+ numpy.random (first generation)")
+import PIL.PngImagePlugin; stage("+ PIL's PNG plugin (first PNG)")
+import rissole_edge.cli; stage("+ rissole_edge.cli (typer)")
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.shipped import resolve
 bundle = Bundle.open(resolve(None)); spec = Spec.from_manifest(bundle.manifest); stage("Bundle.open")
@@ -105,17 +108,52 @@ def stages(python: str, code: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(python: str, sizes: list[int]) -> dict:
+def cli_peaks(python: str, sizes: list[int]) -> dict:
     cli = str(Path(python).parent / "rissole-edge")
+    with tempfile.TemporaryDirectory() as tmp:
+        return {f"cli generate -n {n}": peak_of([cli, "generate", "-n", str(n), "-o", f"{tmp}/c{n}"]) for n in sizes}
+
+
+def measure(python: str, sizes: list[int]) -> dict:
     out: dict = {"python": python, "peaks_mb": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            out["peaks_mb"][f"cli generate -n {n}"] = peak_of([cli, "generate", "-n", str(n), "-o", f"{tmp}/c{n}"])
+            out["peaks_mb"].update(cli_peaks(python, [n]))
             os.makedirs(f"{tmp}/a{n}")
             out["peaks_mb"][f"api generate({n}) + PNGs"] = peak_of([python, "-c", API_GENERATE, str(n), f"{tmp}/a{n}"])
     out["stages_parts"] = stages(python, PARTS)
     out["stages_api"] = stages(python, API)
     return out
+
+
+NOTES = """
+## Where the bytes go, and what is left to take
+
+Read with the stage tables above (each row is measured in the same run).
+
+- The interpreter and the imports are most of it: numpy, onnxruntime (its library's pages),
+  numpy.random (loaded at the first generation: the noise), Pillow and its PNG plugin (the
+  first PNG), typer for the CLI.
+- onnxruntime's first session costs about 12 MB for its environment and kernel code plus
+  about 3.5 bytes per byte of model (graph, weights, prepacked weights): the denoiser session
+  row. The decoder's session is small.
+- The database row is hnswlib's index (its member plus about 3 MB of hnswlib's own tables)
+  and the parsed arrays.
+- Generation adds the activations of the rows in flight (128 by default), the decoder's
+  (calls of at most 4096 pixels) and first-use costs.
+
+Removed in this work (issue 16, item 3): typer 0.29's pydantic (typer < 0.29), OpenSSL
+(sha256 from CPython's own module; sha512 only for signed bundles; `secrets` no longer
+imported for temp names), the second copy of the index while it is checked and loaded,
+onnxruntime's intra-op thread pools, 16-image decoder calls (58 MB on twemoji) and 256-row
+denoiser calls.
+
+Not reached: 80 MB. What would take the rest, measured as the rows above: shipping each
+entry's neighbour list in the bundle so that a default query needs no HNSW index (the
+database row, about 11 MB; the index would load only for --like and --label), writing PNGs
+with zlib instead of Pillow's plugin, and fewer rows in flight (64 instead of 128: about
+3 MB less at -n 1000, about 4% slower).
+"""
 
 
 def markdown(r: dict) -> str:
@@ -125,20 +163,28 @@ def markdown(r: dict) -> str:
              "`/usr/bin/time -v` prints as \"Maximum resident set size\". 1 MB = 2^20 bytes.", "",
              "| run | peak RSS (MB) |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in r["peaks_mb"].items()]
+    if "before" in r:
+        lines += [f"| `{k}`, before: {r['before']['label']} | {v} |"
+                  for k, v in r["before"]["peaks_mb"].items()]
     for key, title in (("stages_parts", "Dependencies, then the default bundle's parts, one at a time"),
                        ("stages_api", "A whole Generator, then generation, then the CLI module on top")):
         lines += ["", f"## {title}", "", "| stage | RSS (MB) | peak so far (MB) |", "|---|---|---|"]
         lines += [f"| {s['stage']} | {s['rss_mb']} | {s['peak_mb']} |" for s in r[key]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter of the install to measure")
     parser.add_argument("--sizes", type=int, nargs="+", default=[4, 1000])
+    parser.add_argument("--before", help="interpreter of an older install: its CLI peaks too, for comparison")
+    parser.add_argument("--before-label", default="", help="what the older install is, for the table")
     parser.add_argument("--write", action="store_true", help="write results/memory.json and memory.md")
     args = parser.parse_args()
     result = measure(args.python, args.sizes)
+    if args.before:
+        result["before"] = {"python": args.before, "label": args.before_label or args.before,
+                            "peaks_mb": cli_peaks(args.before, args.sizes)}
     print(json.dumps(result, indent=2))
     if args.write:
         (RESULTS / "memory.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,9 +1,9 @@
 """How the denoiser's work is spread over the CPU's cores: the sessions and the threading plan.
 
 One denoiser call of a shipped model is about 200 kernels of about 30 us. onnxruntime's
-intra-op threads fork and join around every kernel, so on the shipped bundles 2 intra-op
-threads measured 0.45-1.04x one thread, and far less when the other core is busy
-(`rissole-edge bench --json`, rows "calls"). Blocks are independent, so the parallelism that
+intra-op threads fork and join around every kernel, so 2 intra-op threads measured 0.42-0.81x
+one thread on a busy machine and 0.45-0.54x with both cores free (`rissole-edge bench`,
+benchmarks/results/threads.md). Blocks are independent, so the parallelism that
 pays is across blocks: worker threads take whole chunks of blocks from one queue and carry
 each through every sampling step. All workers call the same single-threaded session:
 onnxruntime's `run` is thread-safe and releases the GIL, and a second session would cost about
@@ -32,9 +32,10 @@ import onnxruntime as ort
 from .bundle import Bundle, BundleError, Spec
 from .onnx_guard import check_self_contained
 
-# Work (ms of one thread) a worker's call must hold before a second worker pays for itself:
-# measured with `rissole-edge bench` (rows "calls") on a shared 2-core x86_64 machine.
-MIN_WORK_PER_WORKER_MS = 2.0
+# Work (ms of one thread) each worker's call must hold for a second worker to pay: measured with
+# `rissole-edge bench` on a shared 2-core x86_64 machine (benchmarks/results/threads.md: 2 workers
+# gained 1.03-1.44x at 1.6 ms each, lost 0.87x at 0.4 ms each).
+MIN_WORK_PER_WORKER_MS = 1.0
 PROBE_ROWS = 8               # rows of the call timed at open
 Item = TypeVar("Item")
 
@@ -51,8 +52,8 @@ def idle_cores() -> int:
     """Cores that no other work is running on right now: all of them, less the threads the
     kernel counts as runnable (/proc/loadavg) other than this one (median of three looks, 1 ms
     apart). A second worker on a core that another process keeps busy only adds a handover
-    (measured 0.79x on calls of 256 rows under a load of 9 on 2 cores). All cores where the
-    kernel does not say."""
+    (2 forced threads: 0.90x at 256 blocks per call under a load of 6 on 2 cores). All cores
+    where the kernel does not say."""
     looks = []
     try:
         for _ in range(3):
