@@ -101,7 +101,10 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        denoiser.run(["eps"], feeds)
+        try:
+            denoiser.run(["eps"], feeds)
+        except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
+            raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
         times.append(time.perf_counter() - t0)
     return min(times[1:]) * 1e3 / PROBE_ROWS
 
@@ -154,8 +157,15 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> No
     helpers = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(chunks)) - 1)]
     for t in helpers:
         t.start()
-    work()
-    for t in helpers:
-        t.join()
+    try:
+        work()
+        for t in helpers:
+            t.join()
+    except BaseException as e:       # Ctrl-C while waiting: the others finish their chunk, take no more
+        with lock:
+            errors.append(e)
+        for t in helpers:
+            t.join()
+        raise
     if errors:
         raise errors[0]
