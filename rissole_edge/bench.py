@@ -160,12 +160,14 @@ def lines(results: dict) -> list[str]:
 
 
 def minimum_budget(bundle: Path) -> int:
-    """The smallest budget the runtime accepts for this bundle (bytes)."""
+    """The smallest budget in whole MB that the runtime accepts for this bundle (in bytes):
+    the figure its refusal names."""
     from .bundle import Bundle, Spec
 
     b = Bundle.open(bundle)
     spec = Spec.from_manifest(b.manifest)
-    return budget.minimum(spec, budget.fixed(b), budget.passes(spec, spec.guidance))
+    least = budget.minimum(spec, budget.fixed(b), budget.passes(spec, spec.guidance))
+    return -(-least // budget.MiB) * budget.MiB
 
 
 if __name__ == "__main__":
