@@ -330,7 +330,9 @@ def _write_md(r: dict) -> None:
              f"(load average {r['load_average_at_end'][0]:.1f} at the end): compare ratios from this one run, not "
              "milliseconds across runs. Every row is its own process. The peers are built from the bundle's recipe "
              "config with untrained weights (speed does not depend on weight values; the training runs are not kept); "
-             "each ran at 1 and 2 threads and its faster figure is compared.", "",
+             "each ran at 1 and 2 threads and its faster figure is compared. The peers sample with DDIM; the runtime with "
+             f"the bundle's recommended sampler ({r['recommended'].get('sampler')}) at the same step count: one denoiser "
+             "call per step either way.", "",
              "| contender | ms per image, 1 thread | ms per image, 2 threads | peak RSS MB (ours: default plan; peers: 2 threads) | "
              "ours is faster by |", "|---|---|---|---|---|",
              f"| **rissole-edge runtime** (int8 bundle, default thread plan: {_fmt(_ms_per_image(ours))} ms) | "
