@@ -325,7 +325,7 @@ def _warm_ms(r: dict) -> float | None:
 
 def _write_md(r: dict) -> None:
     ours, peers, limit, ratios = r["ours"], r["peers"], r["limit"], r["ratios"]
-    lines = [f"# Performance ({r['steps']} DDIM steps, batches of {r['images_per_call']} images)", "",
+    lines = [f"# Performance ({r['steps']} sampling steps, batches of {r['images_per_call']} images)", "",
              f"Made by `{r['command']}` on a shared {r['cpu_count']}-core x86_64 machine that other work was using "
              f"(load average {r['load_average_at_end'][0]:.1f} at the end): compare ratios from this one run, not "
              "milliseconds across runs. Every row is its own process. The peers are built from the bundle's recipe "
