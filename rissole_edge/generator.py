@@ -287,10 +287,9 @@ class Generator:
             x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, on_step)
             out[img, pos] = x
 
-        rows = len(work) * passes
-        plan = workers.choose(rows, chunk * passes, self._row_ms, self.threads)
-        per_call = max(1, plan.rows_per_call // passes)
-        workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers)
+        plan = workers.choose(len(work), chunk, self._row_ms * passes, self.threads)
+        workers.run(run_chunk, [work[a:a + plan.per_call] for a in range(0, len(work), plan.per_call)],
+                    plan.workers)
         return out
 
     def _decode(self, latents: np.ndarray) -> np.ndarray:

@@ -111,21 +111,22 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float
 
 @dataclass(frozen=True)
 class ThreadPlan:
-    """How one group's denoiser rows are run."""
+    """How one group's blocks are run."""
     workers: int              # threads, each taking whole chunks from one queue
-    rows_per_call: int        # rows of one chunk (one denoiser call per sampling step)
+    per_call: int             # blocks of one chunk (one denoiser call per sampling step)
 
 
-def choose(rows: int, max_rows_per_call: int, row_ms: float, threads: int | None) -> ThreadPlan:
-    """The plan for `rows` rows in flight at most `max_rows_per_call` at a time (the memory
-    plan's bound, shared by all workers). `threads` None: as many workers as cores, but only
-    as many as each get MIN_WORK_PER_WORKER_MS of work per call, and only on cores that are
-    idle now; a number: exactly that many (as far as there are rows), as asked."""
+def choose(blocks: int, max_in_flight: int, block_ms: float, threads: int | None) -> ThreadPlan:
+    """The plan for `blocks` blocks of `block_ms` of work each (one thread, one step), at most
+    `max_in_flight` at a time over all workers (the memory plan's bound). `threads` None: as
+    many workers as cores, but only as many as each get MIN_WORK_PER_WORKER_MS of work per
+    call, and only on cores that are idle now; a number: exactly that many (as far as there
+    are blocks), as asked."""
     if threads is None:
-        useful = int(rows * row_ms // MIN_WORK_PER_WORKER_MS)
+        useful = int(blocks * block_ms // MIN_WORK_PER_WORKER_MS)
         threads = max(1, min(useful, idle_cores() if useful > 1 else 1))
-    workers = max(1, min(threads, rows, max_rows_per_call))
-    per_call = max(1, min(max_rows_per_call // workers, -(-rows // workers)))
+    workers = max(1, min(threads, blocks, max_in_flight))
+    per_call = max(1, min(max_in_flight // workers, -(-blocks // workers)))
     return ThreadPlan(workers, per_call)
 
 

@@ -95,10 +95,11 @@ def test_thread_plans_follow_the_work_per_call(monkeypatch):
     monkeypatch.setattr(workers, "idle_cores", lambda: 2)
     small, big = workers.choose(16, 128, 0.08, None), workers.choose(4000, 128, 0.08, None)
     assert small == workers.ThreadPlan(1, 16)                # 1.3 ms of work per call: one thread
-    assert big == workers.ThreadPlan(2, 64)                  # both cores, half the memory plan's rows each
+    assert big == workers.ThreadPlan(2, 64)                  # both cores, half the memory plan's blocks each
     assert workers.choose(64, 128, 0.08, None).workers == 2  # 2.6 ms each
     assert workers.choose(16, 128, 0.08, 3) == workers.ThreadPlan(3, 6)   # a number is obeyed
-    assert workers.choose(2, 128, 0.08, 4).workers == 2      # but never more workers than rows
+    assert workers.choose(2, 128, 0.08, 4).workers == 2      # but never more workers than blocks
+    assert workers.choose(10, 1, 0.08, 2) == workers.ThreadPlan(1, 1)    # nor than the memory plan holds
     monkeypatch.setattr(workers, "idle_cores", lambda: 1)     # the other core is busy: one thread
     assert workers.choose(4000, 128, 0.08, None) == workers.ThreadPlan(1, 128)
 
