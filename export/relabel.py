@@ -19,6 +19,7 @@ import numpy as np
 from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import RissoleError, UsageError
+from rissole_edge.generator import Generator
 
 from . import data, pack
 from .config import DataConfig
@@ -63,7 +64,8 @@ def relabel(bundle_path: Path, source: str, out: Path, log=print) -> dict:
     if images.train_labels is None:
         raise UsageError(f"data {source!r} has no labels to give")
     log(f"encoding {len(images.train)} training images with the bundle's encoder")
-    _, codes = _encode(bundle.read("encoder.onnx"), images.train)
+    with Generator.open(bundle) as gen:       # the runtime's checked encoder session
+        _, codes = _encode(gen.encoder_session(), images.train)
     codes = blocks.split(codes[:, None].astype(np.int64), spec.blocks_per_side)[:, :, 0]
     code_dtype = "uint8" if spec.codebook_size <= 256 else "uint16"
     exact, flips = check_entries(bundle.array("codes.npy", code_dtype), codes)
