@@ -360,8 +360,10 @@ def _open_bundle(path: Path, log: Log) -> _Source:
     def generate(n: int, seed: int, steps: int, query: Query | None = None) -> np.ndarray:
         parts = []
         for part in _batches(n, GENERATE_CHUNK):
-            parts.append(gen.generate(part.stop - part.start, seed=seed, steps=steps, query=query,
-                                      as_array=True, first_index=part.start))
+            # DDIM whatever the bundle recommends: `steps` means DDIM steps for a run (torch) and a
+            # bundle alike, so that the two stay comparable (benchmarks/steps.py compares samplers).
+            parts.append(gen.generate(part.stop - part.start, seed=seed, steps=steps, sampler_name="ddim",
+                                      query=query, as_array=True, first_index=part.start))
             log(f"generated {part.stop}/{n} images")
         return np.concatenate(parts)
 
