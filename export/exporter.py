@@ -106,8 +106,13 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     `sampling_steps` are recorded as what `generate` uses by default: the person who trained and
     measured the model (benchmarks/steps.py) knows what suits it."""
     run, out = Path(run), Path(out)
+    from .distill import distilled_fields, export_over_bundle, made_from_bundle
+    if made_from_bundle(run):     # a student of a shipped bundle: only its denoiser is new
+        return export_over_bundle(run, out, mode, target, calibration_samples, log, signing_key, guidance)
     _check_inputs(run, out, mode, target, calibration_samples, guidance)
+    distilled = distilled_fields(run, guidance)     # None for an ordinary run
     recommended = sampling_fields(sampler, sampling_steps, guidance, config.load(run / "config.json").denoiser.timesteps)
+    steps = distilled["sampling"]["steps"] if distilled else 25   # calibration and parity trajectories
     torch.set_grad_enabled(False)
     m = RunModels.load(run)
     cfg, meta = m.cfg, m.db.meta
@@ -122,7 +127,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     log(f"collecting calibration inputs from {calibration_samples} sampling trajectories")
     feeds: list[dict] = []
     calib_ids = rng.permutation(len(m.db.codes))[:calibration_samples].tolist()
-    generate(m, calib_ids, seed=cfg.seed, steps=25, on_call=feeds.append)
+    generate(m, calib_ids, seed=cfg.seed, steps=steps, on_call=feeds.append)
     latents = blocks.join(m.latents[calib_ids].numpy(), cfg.denoiser.blocks_per_side) \
         if cfg.denoiser.kind != "whole" else m.latents[calib_ids, 0].numpy()
     latent_feeds = [{"latent": latents[i:i + 8]} for i in range(0, len(latents), 8)]
@@ -155,7 +160,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
-        "sampling": recommended,
+        "sampling": distilled["sampling"] if distilled else recommended,
         "dataset": meta["dataset"],
         "parameters": {"denoiser": count_parameters(m.net), "decoder": count_parameters(m.ae.decoder)
                        + m.ae.codebook.embedding.numel(), "encoder": count_parameters(m.ae.encoder)},
@@ -178,15 +183,17 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         int8_bundle = Bundle.in_memory({**manifest, "quantization": quant_info}, {**final, **db_members})
         log(f"measuring int8 parity on {PARITY_IMAGES} images")
         with Generator.open(fp32_bundle, threads=2) as g32, Generator.open(int8_bundle, threads=2) as g8:
-            a = g32.generate(PARITY_IMAGES, seed=1234, steps=25, as_array=True)
-            b = g8.generate(PARITY_IMAGES, seed=1234, steps=25, as_array=True)
+            a = g32.generate(PARITY_IMAGES, seed=1234, steps=steps, as_array=True)
+            b = g8.generate(PARITY_IMAGES, seed=1234, steps=steps, as_array=True)
         psnr = _psnr(a, b)
         big = {k: np.concatenate([f[k] for f in feeds[:4]]) for k in feeds[0]}
         t32, t8 = _time_call(nets["denoiser.onnx"], big), _time_call(final["denoiser.onnx"], big)
         parity.update({"int8_vs_fp32_psnr_mean": float(np.mean(psnr)), "int8_vs_fp32_psnr_min": float(min(psnr)),
-                       "parity_images": PARITY_IMAGES, "parity_steps": 25,
+                       "parity_images": PARITY_IMAGES, "parity_steps": steps,
                        "denoiser_call_ms_fp32": t32 * 1e3, "denoiser_call_ms_int8": t8 * 1e3,
                        "denoiser_call_blocks": int(len(big["x"])), "int8_speedup": t32 / t8})
     manifest.update({"quantization": quant_info, "parity": parity})
+    if distilled:
+        manifest["distilled"] = distilled["distilled"]
     pack.write(out, manifest, {**final, **db_members}, signing_key)
     return manifest

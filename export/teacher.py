@@ -65,7 +65,9 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -
 def _conv_from_dense(dense: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Undo graph.convs_as_gemm: the (co*OH*OW, ci*H*W) matrix of a convolution on a small map
     back to its (co, ci, kh, kw) kernel (square maps, padding kh // 2, as the UNet's convs are).
-    Every tap lands on the map at some output position on these sizes, so none is lost."""
+    A tap that lands on the map at no output position (the first row of a stride-2 kernel on a
+    2x2 map) only ever multiplies padding at this map size: it comes back as 0, and the rebuilt
+    net computes the same function on blocks of this size."""
     co, ci, kh, kw = shape
     oh, h = math.isqrt(dense.shape[0] // co), math.isqrt(dense.shape[1] // ci)
     stride, pad = max(1, h // oh), kh // 2

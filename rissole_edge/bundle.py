@@ -242,6 +242,7 @@ class Spec:
     guidance: float              # the exporter's recommended guidance scale (1 when it names none)
     sampler: str                 # the recommended sampler and step count (ddim, 50 when it names none)
     steps: int
+    distilled_steps: int         # a distilled student's step count, the only one it runs (0: not distilled)
 
     @property
     def positions(self) -> int:
@@ -274,7 +275,11 @@ class Spec:
             guidance=_optional(m, "sampling.guidance", float, 1.0, 0, MAX_GUIDANCE),
             sampler=_optional(m, "sampling.sampler", str, DEFAULT_SAMPLER),
             steps=_optional(m, "sampling.steps", int, DEFAULT_STEPS, 1, 100000),
+            distilled_steps=_optional(m, "sampling.distilled_steps", int, 0, 0, 100000),
         )
+        if spec.distilled_steps and (spec.steps, spec.sampler) != (spec.distilled_steps, "ddim"):
+            raise BundleError(f"bundle manifest field sampling.distilled_steps ({spec.distilled_steps}) "
+                              f"disagrees with sampling.steps/sampler ({spec.steps} {spec.sampler})")
         if spec.sampler not in sampler.SAMPLERS:
             raise BundleError(f"bundle manifest field sampling.sampler is {spec.sampler!r}, "
                               f"not a sampler this rissole-edge has ({sampler.names()}): upgrade rissole-edge")

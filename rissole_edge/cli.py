@@ -65,6 +65,34 @@ def train(
         raise typer.Exit(130)
 
 
+@app.command()
+def distill(
+    teacher: Path = typer.Argument(..., help="A training run directory, or a .rissole bundle (with the --preset/--config it was trained with; models/NAME.toml beside models/NAME.rissole is found by itself)."),
+    steps: int = typer.Option(..., "--steps", help="Sampling steps the student is made for (e.g. 2, 4 or 8); its bundle refuses others."),
+    out: Path = typer.Option(..., "--out", help="Student run directory; 'rissole-edge export' makes it a bundle."),
+    teacher_steps: Optional[int] = typer.Option(None, help="The teacher's DDIM run that gives the targets [default: 50]."),
+    train_steps: Optional[int] = typer.Option(None, help="Student optimizer steps [default: 4000]."),
+    batch_size: Optional[int] = typer.Option(None, help="Blocks per step [default: 128]."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate [default: 1e-4]."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Teacher guidance folded into the student (default: the bundle's recorded scale; 1 for a run)."),
+    preset: Optional[str] = typer.Option(None, help="A bundle teacher's preset (default: small)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="A bundle teacher's config overrides (TOML or JSON)."),
+    max_minutes: Optional[float] = typer.Option(None, help="Checkpoint and stop after this many minutes."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Distil a run's or a bundle's denoiser into a few-step student (toolchain extra)."""
+    _toolchain()
+    from rissole_export.distill import distill as run_distill
+
+    summary = run_distill(teacher, steps, out, preset, config_file, max_minutes, resume, progress=not json_out,
+                          teacher_steps=teacher_steps, train_steps=train_steps, batch_size=batch_size, lr=lr,
+                          guidance=guidance)
+    typer.echo(json.dumps(summary, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    if summary.get("interrupted"):
+        raise typer.Exit(130)
+
+
 def _flat_lines(summary: dict, prefix: str = "") -> list[str]:
     """A nested summary as `key.sub: value` lines: readable, greppable, no Python reprs."""
     lines = []
@@ -96,6 +124,7 @@ def generate(
     label: Optional[str] = typer.Option(None, "--label", help="Only neighbours of this class (bundles with labels)."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Rewrite this PNG with a grid of where the images are heading (decoded x0 predictions) as sampling goes."),
     preview_every: Optional[int] = typer.Option(None, "--preview-every", help="Steps between previews (default: about ten per run)."),
+    force_steps: bool = typer.Option(False, "--force-steps", help="Run a distilled bundle at other steps/sampler/guidance than it was made for (see info)."),
     json_out: bool = typer.Option(False, "--json", help="Print what was written and the timings as JSON."),
     trusted_key: Optional[list[Path]] = typer.Option(None, "--trusted-key", help="Only accept bundles signed by this public key (repeatable)."),
 ) -> None:
@@ -124,7 +153,7 @@ def generate(
             pictures = gen.generate(n, seed=seed, steps=steps, sampler_name=sampler_name, guidance=guidance,
                                     query=Query(entry=query_id, like=like, label=label),
                                     on_group=writer.write_group, on_progress=lambda done, _n: bar.update(done),
-                                    on_preview=on_preview, preview_every=preview_every)
+                                    on_preview=on_preview, preview_every=preview_every, force_steps=force_steps)
         except KeyboardInterrupt:
             bar.close()
             typer.echo(f"interrupted: {writer.summary()}", err=True)
@@ -321,6 +350,8 @@ def info(
         f"({spec.key_dim}-d), ef={spec.ef}",
         f"  sampling    {spec.sampler}, {spec.steps} steps, guidance {spec.guidance:g} by default"
         + ("" if "steps" in m.get("sampling", {}) else " (the bundle recommends no step count)"),
+        *([f"  distilled   a {spec.distilled_steps}-step student of {m.get('distilled', {}).get('teacher')}: "
+           "other steps, samplers and guidance are refused without --force-steps"] if spec.distilled_steps else []),
         f"  dataset     {m.get('dataset', {}).get('name')} ({m.get('dataset', {}).get('licence')})"
         + (f", labels: {', '.join(spec.labels)}" if spec.labels else ""),
     ]
@@ -342,7 +373,7 @@ def verify(
 
     with Generator.open(bundle, threads=1, trusted_keys=_trusted(trusted_key)) as gen:
         gen.bundle.verify_all()
-        gen.generate(1, seed=0, steps=1, as_array=True)
+        gen.generate(1, seed=0, steps=1, as_array=True, force_steps=True)
     typer.echo(f"{bundle}: OK")
 
 

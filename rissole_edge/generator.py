@@ -130,7 +130,7 @@ class Generator:
                  query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
                  as_array: bool = False, first_index: int = 0,
                  on_group: GroupDone | None = None, on_preview: PreviewFn | None = None,
-                 preview_every: int | None = None) -> list[Image.Image] | np.ndarray:
+                 preview_every: int | None = None, force_steps: bool = False) -> list[Image.Image] | np.ndarray:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
         `guidance`, `steps` and `sampler_name` None use what the bundle recommends (its exporter
@@ -146,11 +146,19 @@ class Generator:
         interrupt keeps them); then `on_progress(images done, n)` counts images.
 
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
-        pixels, and image i of a batch equals image i generated alone (first_index=i, n=1)."""
+        pixels, and image i of a batch equals image i generated alone (first_index=i, n=1).
+
+        A distilled bundle's student was made for one step count (ddim, guidance 1: its teacher's
+        guidance is folded in); other settings are refused unless `force_steps`."""
         guidance = self.spec.guidance if guidance is None else guidance
         steps = self.spec.steps if steps is None else steps
         sampler_name = self.spec.sampler if sampler_name is None else sampler_name
         self._check(n, steps, sampler_name, guidance, seed)
+        if self.spec.distilled_steps and not force_steps \
+                and (steps, sampler_name, guidance) != (self.spec.distilled_steps, "ddim", 1.0):
+            raise UsageError(f"this bundle is distilled for {self.spec.distilled_steps} ddim steps at guidance 1 "
+                             f"(asked: {steps} {sampler_name} steps at guidance {guidance:g}): use "
+                             f"--steps {self.spec.distilled_steps} --sampler ddim, or --force-steps to run it anyway")
         if preview_every is not None and (not isinstance(preview_every, int) or preview_every < 1):
             raise UsageError(f"preview_every must be a positive number of steps, got {preview_every}")
         if not isinstance(first_index, int) or not 0 <= first_index < 2 ** 62:
