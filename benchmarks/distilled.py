@@ -9,8 +9,10 @@ for the teacher at the student's step count as the baseline that distillation mu
 - detail: high-frequency energy of the generated images relative to real test images (blur
   lowers it; FD can reward blur, this cannot);
 - distance to the teacher's many-step images of the same seeds (pixel RMSE, 256 images);
-- ms per image, measured in fresh processes (bench's child), rounds interleaved, so that a
-  shared machine slows both alike; the speed-up is the ratio within this run.
+- ms per image, measured in fresh processes (bench's child, the bundle's recommended sampler
+  at the given steps: the same denoiser calls as DDIM), rounds interleaved, so that a shared
+  machine slows both alike; the speed-up is the ratio within this run.
+Images are DDIM throughout (evaluate pins it), seed 0.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def high_frequency_energy(images: np.ndarray) -> float:
 
 def _generate(bundle: Path, n: int, steps: int) -> np.ndarray:
     with Generator.open(bundle, threads=2) as gen:
-        return gen.generate(n, seed=0, steps=steps, as_array=True, force_steps=True)
+        return gen.generate(n, seed=0, steps=steps, sampler_name="ddim", as_array=True, force_steps=True)
 
 
 def _ms_per_image(bundle: Path, steps: int) -> float:
