@@ -83,14 +83,20 @@ def test_the_planner_counts_both_guidance_rows(tiny_bundle):
         assert gen.plan.passes == (2 if gen.spec.k else 1)
 
 
-def test_the_bundle_recommended_sampler_and_steps_are_the_default(tiny_bundle):
+def test_the_bundle_recommended_sampler_and_steps_are_the_default(tiny_bundle, monkeypatch):
     with Generator.open(_with_sampling(tiny_bundle, None), threads=1) as old:
         assert (old.spec.sampler, old.spec.steps, old.spec.guidance) == ("ddim", 50, 1.0)
     bundle = _with_sampling(tiny_bundle, {"guidance": 1.0, "sampler": "dpmpp-2m", "steps": 6})
+    used = []
+    registered = np_sampler.SAMPLERS["dpmpp-2m"]
+    monkeypatch.setitem(np_sampler.SAMPLERS, "dpmpp-2m", np_sampler.Sampler(
+        lambda eps_fn, x, *rest: (used.append(len(rest[1])), registered.run(eps_fn, x, *rest))[1], registered.about))
     with Generator.open(bundle, threads=1) as gen:
         default = gen.generate(2, seed=3, as_array=True)
+        assert used and set(used) == {6}                  # the recommended sampler ran, over 6 timesteps
         assert np.array_equal(default, gen.generate(2, seed=3, steps=6, sampler_name="dpmpp-2m", as_array=True))
-        assert not np.array_equal(default, gen.generate(2, seed=3, steps=6, sampler_name="ddim", as_array=True))
+        assert gen.spec.sampler == "dpmpp-2m" and gen.spec.steps == 6
+        assert not np.array_equal(default, gen.generate(2, seed=3, steps=2, as_array=True))   # steps honoured
 
 
 @pytest.mark.parametrize("sampling,field", [
