@@ -195,3 +195,19 @@ def test_each_student_step_lands_nearer_the_teachers_sub_steps_than_its_own_step
     student_errors = _landing_errors(run, RunModels.load(student).net, 4)
     (tmp_path / "landing.json").write_text(json.dumps({"teacher": teacher_errors, "student": student_errors}))
     assert sum(student_errors) < 0.8 * sum(teacher_errors), (student_errors, teacher_errors)
+
+
+def test_the_shipped_4_step_bundle_verifies_generates_and_refuses_other_steps(tmp_path):
+    """CI never distils the shipped student; it checks that it verifies, generates at its 4
+    steps, and refuses others."""
+    from PIL import Image
+
+    from rissole_edge.shipped import shipped_bundle
+
+    assert cli("verify", "fashion-mnist-4step").returncode == 0
+    report = json.loads(cli("generate", "-m", "fashion-mnist-4step", "--label", "sneaker", "-n", "2",
+                            "-o", str(tmp_path), "--json", check=True).stdout)
+    assert np.asarray(Image.open(report["images"][0])).std() > 5
+    refused = cli("generate", "-m", "fashion-mnist-4step", "--steps", "10", "-o", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "--steps 4" in refused.stderr
+    assert Bundle.open(shipped_bundle("fashion-mnist-4step")).manifest["distilled"]["teacher"] == "fashion-mnist"
