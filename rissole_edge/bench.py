@@ -124,7 +124,10 @@ def run_child(cfg: dict, timeout: float = 900) -> dict:
 def bench(bundle: Path, quick: bool = False) -> dict:
     """Per-process rows (the default plan, 1 and 2 threads, and not quick the minimum memory
     budget) and the interleaved thread-plan comparison."""
+    from .bundle import Bundle, Spec
+
     steps, images = (5, 2) if quick else (50, 8)
+    steps = Spec.from_manifest(Bundle.open(bundle).manifest).distilled_steps or steps   # the only count it runs
     configs = [{"bundle": str(bundle), "threads": t, "steps": steps, "images": images} for t in (None, 1, 2)]
     if not quick:
         configs.append({"bundle": str(bundle), "threads": None, "steps": steps, "images": images,
