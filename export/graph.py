@@ -173,8 +173,8 @@ def expand_broadcasts(model: bytes, shapes: Shapes, max_positions: int = 64) -> 
     """Per-channel Mul/Add constants of shape (C,1,1) (the GroupNorm gamma and beta) applied
     to maps of at most `max_positions` pixels are stored expanded to (C,H,W). The products and
     sums are the same numbers; onnxruntime's element-wise kernels are far faster without a
-    broadcast whose inner span is only 4 to 64 floats (measured: 0.72x the fashion call,
-    0.87x the twemoji call with its 8x8 maps)."""
+    broadcast whose inner span is only 4 to 64 floats (benchmarks/results/profile.md: 0.73x
+    the fashion call, 0.91x the twemoji call with its 8x8 maps)."""
     g = _Graph(onnx.load_from_string(model))
     for node in g.graph.node:
         if node.op_type not in ("Mul", "Add"):
@@ -274,7 +274,8 @@ def convs_as_gemm(model: bytes, shapes: Shapes) -> bytes:
 def static_reshapes(model: bytes, shapes: Shapes) -> bytes:
     """Reshapes whose target shape is read from a Shape node at run time (the GroupNorm
     export: reshape to groups, normalise, reshape back to the input's shape) get it as a
-    constant, batch axis -1: two kernels fewer per GroupNorm (measured 0.96x the fashion call).
+    constant, batch axis -1: two kernels fewer per GroupNorm (0.95-0.99x the call: a few
+    microseconds per kernel, which matter most on small calls).
     Only for graphs whose inputs have no free axis but the batch, where every value's shape
     past the batch axis is the one `shapes` holds."""
     proto = onnx.load_from_string(model)
