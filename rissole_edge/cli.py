@@ -133,13 +133,14 @@ def generate(
 
     from . import budget
     from .errors import UsageError
-    from .generator import Generator, Query
+    from .generator import Generator, Query, check_count
     from .output import ImageWriter
     from .preview import grid_file as preview_grid
     from .progress import Progress
 
     if sum(x is not None for x in (like, query_id, label)) > 1:
         raise UsageError("choose at most one of --like, --query-id and --label")
+    check_count(n)
     writer = ImageWriter(out, seed, grid_file)
     writer.check(n, overwrite)
     on_preview = preview_grid(preview) if preview is not None else None

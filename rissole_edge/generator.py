@@ -187,8 +187,7 @@ class Generator:
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:
-        if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
-            raise UsageError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
+        check_count(n)
         if not isinstance(steps, int) or not 1 <= steps <= self.spec.timesteps:
             raise UsageError(f"steps must be between 1 and {self.spec.timesteps}, got {steps}")
         if sampler_name not in sampler.SAMPLERS:
@@ -308,3 +307,10 @@ class Generator:
             z = np.ascontiguousarray(whole[start:start + self.plan.images_per_decode])
             out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
         return np.concatenate(out)
+
+
+def check_count(n: int) -> None:
+    """Refuse an image count outside 1..MAX_IMAGES: the CLI calls it before it plans any output
+    file (a huge -n would otherwise build that many paths first), the API before any work."""
+    if not isinstance(n, int) or not 1 <= n <= MAX_IMAGES:
+        raise UsageError(f"number of images must be between 1 and {MAX_IMAGES}, got {n}")
