@@ -345,6 +345,7 @@ class _Source:
     generate_label: Callable[[str, int, int, int], np.ndarray] | None  # (label, n, seed, steps)
     reconstruct: Callable[[np.ndarray], np.ndarray] | None   # uint8 images through the autoencoder
     close: Callable[[], None]
+    default_steps: int = 50            # DDIM steps when none are asked for (a distilled student: its own)
 
 
 def _open_bundle(path: Path, log: Log) -> _Source:
@@ -380,6 +381,7 @@ def _open_bundle(path: Path, log: Log) -> _Source:
         if has_labels else None,
         reconstruct=_onnx_round_trip(gen) if "encoder.onnx" in gen.bundle.members else None,
         close=gen.close,
+        default_steps=gen.spec.distilled_steps or 50,
     )
 
 
@@ -643,13 +645,15 @@ def _check_arguments(target: Path, n: int, reference: str) -> None:
 
 
 def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | None = None,
-             steps: int = 50, seed: int = 0, log=print) -> dict:
+             steps: int | None = None, seed: int = 0, log=print) -> dict:
     """Generate `n` images from `target` (a bundle or a run directory) and measure them against
-    the `reference` split of the data it was trained on; returns every metric in one dict."""
+    the `reference` split of the data it was trained on; returns every metric in one dict.
+    `steps` None: 50 DDIM steps, or a distilled bundle's own step count (it refuses others)."""
     started = time.perf_counter()
     target = Path(target)
     _check_arguments(target, n, reference)
     source = _open_target(target, log)
+    steps = source.default_steps if steps is None else steps
     try:
         images = _load_data(source, target, data)
         refs_all = images.test if reference == "test" else images.train

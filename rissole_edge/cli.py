@@ -298,7 +298,7 @@ def evaluate(
     n: int = typer.Option(5000, "-n", help="Images to generate and compare."),
     reference: str = typer.Option("test", help="Reference split: test or train."),
     data: Optional[str] = typer.Option(None, "--data", help="The data a bundle was made from, if not fashion-mnist/twemoji."),
-    steps: int = typer.Option(50, "--steps", help="DDIM sampling steps (not the bundle's recommended sampler, so that runs and bundles compare)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="DDIM sampling steps (not the bundle's recommended sampler, so that runs and bundles compare; default 50, or a distilled bundle's own count)."),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:

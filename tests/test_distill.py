@@ -211,3 +211,19 @@ def test_the_shipped_4_step_bundle_verifies_generates_and_refuses_other_steps(tm
     refused = cli("generate", "-m", "fashion-mnist-4step", "--steps", "10", "-o", str(tmp_path / "x"))
     assert refused.returncode == 2 and "--steps 4" in refused.stderr
     assert Bundle.open(shipped_bundle("fashion-mnist-4step")).manifest["distilled"]["teacher"] == "fashion-mnist"
+
+
+def test_evaluate_samples_a_distilled_bundle_at_its_own_steps():
+    """`evaluate` without --steps must not ask a 4-step student for 50 steps (it refuses them);
+    a plain bundle keeps 50 DDIM steps, so its rows stay comparable with earlier ones."""
+    from rissole_edge.shipped import shipped_bundle
+    from rissole_export.evaluate import _open_bundle
+
+    for name, expected in (("fashion-mnist-4step", 4), ("fashion-mnist", 50)):
+        source = _open_bundle(shipped_bundle(name), log=lambda msg: None)
+        try:
+            assert source.default_steps == expected
+            if expected == 4:
+                assert source.generate(1, 0, source.default_steps).shape == (1, 32, 32, 1)
+        finally:
+            source.close()
