@@ -373,13 +373,13 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     fields = distilled_fields(run, guidance)
     steps = fields["sampling"]["steps"]
     teacher = Bundle.open(run / TEACHER_BUNDLE)
-    teacher.verify_all()
+    manifest, members = pack.contents(teacher)
+    for stale in ("graph", "parity"):     # measured on the teacher's denoiser, remeasured below
+        manifest.pop(stale, None)
     spec = Spec.from_manifest(teacher.manifest)
     net = denoiser.build(config.load(run / "config.json").denoiser, spec.latent_channels, spec.latent_side)
     net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
     fp32 = onnx_export.denoiser(net.eval())
-    members = {name: teacher.read(name) for name in teacher.members}
-    manifest = {k: v for k, v in teacher.manifest.items() if k not in ("members", "format_version", "graph", "parity")}
     manifest.update(fields, name=out.stem, tool_version=rissole_edge.__version__,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),

@@ -350,14 +350,12 @@ def rewrite_bundle(source: Path, out: Path, names: tuple[str, ...] | list[str] =
     """Re-pack a bundle with its denoiser rewritten: no training run needed, every other member
     and manifest field kept; the manifest's `graph` records the rewrites. Returns the manifest."""
     bundle = Bundle.open(source)
-    bundle.verify_all()
-    members = {name: bundle.read(name) for name in bundle.members}
+    manifest, members = pack.contents(bundle)
     previous = bundle.manifest.get("graph", {})
     members["denoiser.onnx"], record = optimize(members["denoiser.onnx"], names)
     if previous:       # a second pass: the layer count is the first pass's (the layers are gone)
         record["denoiser_macs_per_block"] = previous["denoiser_macs_per_block"]
         record["denoiser_rewrites"] = list(dict.fromkeys(previous["denoiser_rewrites"] + list(names)))
-    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("members", "format_version")}
     manifest["graph"] = record
     pack.write(Path(out), manifest, members, signing_key)
     return manifest

@@ -17,13 +17,22 @@ from pathlib import Path
 import numpy as np
 
 from rissole_edge import signing
-from rissole_edge.bundle import ALIGN, FORMAT_VERSION, HEADER, MAGIC, data_start
+from rissole_edge.bundle import ALIGN, FORMAT_VERSION, HEADER, MAGIC, Bundle, data_start
 
 
 def npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
+
+
+def contents(bundle: Bundle) -> tuple[dict, dict[str, bytes]]:
+    """A bundle's manifest, less the fields `write` sets itself, and all its members, after
+    checking every checksum: what each bundle-to-bundle tool (graph rewrite, set-sampling,
+    relabel, build-db, distilled export) edits before it writes the new bundle."""
+    bundle.verify_all()
+    manifest = {k: v for k, v in bundle.manifest.items() if k not in ("members", "format_version")}
+    return manifest, {name: bundle.read(name) for name in bundle.members}
 
 
 def write(path: Path, manifest: dict, members: dict[str, bytes], signing_key: bytes | None = None) -> None:

@@ -39,7 +39,7 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
     if Path(out).resolve() == Path(bundle_path).resolve():
         raise UsageError("-o must name a new bundle, not the one being read")
     source = Bundle.open(bundle_path)
-    source.verify_all()
+    manifest, source_members = pack.contents(source)
     spec = Spec.from_manifest(source.manifest)
     if "encoder.onnx" not in source.members:
         raise UsageError(f"{bundle_path} has no encoder, so it cannot encode new images")
@@ -63,9 +63,8 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
     retrieval = database.build_retrieval(keys_of(latents, spec.key, spec.blocks_per_side), db_cfg, SEED)
     dtype = np.uint8 if spec.codebook_size <= 256 else np.uint16
     codes = blocks.split(codes[:, None].astype(dtype), spec.blocks_per_side)[:, :, 0]
-    members = {name: source.read(name) for name in ("denoiser.onnx", "decoder.onnx", "encoder.onnx", "codebook.npy")}
+    members = {name: source_members[name] for name in ("denoiser.onnx", "decoder.onnx", "encoder.onnx", "codebook.npy")}
     members.update(database.bundle_members(retrieval, codes, images.train_labels))
-    manifest = {k: v for k, v in m.items() if k not in ("members", "format_version")}
     manifest["retrieval"] = {**r, **database.manifest_fields(retrieval, db_cfg)}
     manifest["dataset"] = {"name": images.name, "licence": images.licence, "attribution": images.attribution,
                            "labels": images.class_names, "rebuilt_from": m.get("dataset", {}).get("name")}

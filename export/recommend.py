@@ -34,13 +34,11 @@ def set_sampling(bundle_path: Path, out: Path, name: str | None = None, steps: i
     the bundle's current value). `out` may be the bundle itself: the new file replaces it
     atomically. Returns the new manifest's sampling table."""
     source = Bundle.open(bundle_path)
-    source.verify_all()
+    manifest, members = pack.contents(source)
     spec = Spec.from_manifest(source.manifest)
     fields = sampling_fields(spec.sampler if name is None else name, spec.steps if steps is None else steps,
                              spec.guidance if guidance is None else guidance, spec.timesteps)
-    manifest = {k: v for k, v in source.manifest.items() if k not in ("members", "format_version")}
     manifest["sampling"] = {**manifest.get("sampling", {}), **fields}
-    members = {member: source.read(member) for member in source.members}
     if source.signer is not None and signing_key is None:
         log(f"note: {bundle_path} was signed; the new manifest is unsigned (pass --sign KEY to sign it)")
     pack.write(Path(out), manifest, members, signing_key)

@@ -51,7 +51,7 @@ def check_entries(bundle_codes: np.ndarray, codes: np.ndarray) -> tuple[int, int
 def relabel(bundle_path: Path, source: str, out: Path, log=print) -> dict:
     """Write `out`: the bundle with the labels of `source`'s training split; returns its manifest."""
     bundle = Bundle.open(bundle_path)
-    bundle.verify_all()
+    manifest, members = pack.contents(bundle)
     if bundle.signer:
         raise UsageError(f"{bundle_path} is signed, and relabelling would drop its signature: "
                          "relabel the unsigned bundle, then sign it")
@@ -71,9 +71,8 @@ def relabel(bundle_path: Path, source: str, out: Path, log=print) -> dict:
     exact, flips = check_entries(bundle.array("codes.npy", code_dtype), codes)
     log(f"database checked: {exact} of {len(codes)} entries match exactly, the others differ in at most {flips} "
         f"of {codes[0].size} codes")
-    members = {name: bundle.read(name) for name in bundle.members if name != "labels.npy"}
+    members.pop("labels.npy", None)       # the new labels go last, as a new member would
     members["labels.npy"] = pack.npy(images.train_labels.astype(np.int64))
-    manifest = {k: v for k, v in m.items() if k not in ("members", "format_version")}
     manifest["dataset"] = {**m.get("dataset", {}), "labels": list(images.class_names)}
     pack.write(Path(out), manifest, members)
     return manifest
