@@ -88,7 +88,7 @@ def distill(
     summary = run_distill(teacher, steps, out, preset, config_file, max_minutes, resume, progress=not json_out,
                           teacher_steps=teacher_steps, train_steps=train_steps, batch_size=batch_size, lr=lr,
                           guidance=guidance)
-    typer.echo(json.dumps(summary, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+    typer.echo(json.dumps(summary, indent=2) if json_out else "\n".join(_flat_lines(summary)))
     if summary.get("interrupted"):
         raise typer.Exit(130)
 
@@ -308,11 +308,7 @@ def evaluate(
 
     metrics = run_evaluation(target, n, reference, data, steps, seed,
                              log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)))
-    if json_out:
-        typer.echo(json.dumps(metrics, indent=2))
-    else:
-        for key, value in metrics.items():
-            typer.echo(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
+    typer.echo(json.dumps(metrics, indent=2) if json_out else "\n".join(_flat_lines(metrics)))
 
 
 @app.command()

@@ -172,3 +172,12 @@ def test_without_a_folder_each_run_gets_a_new_one(tmp_path, monkeypatch):
         assert writer.summary() == f"2 of 2 images were written to {writer.folder}"
     assert folders == [Path("generated/008"), Path("generated/009")]
     assert sorted(p.name for p in (tmp_path / "generated" / "009").iterdir()) == ["seed0-0000.png", "seed0-0001.png"]
+
+
+def test_summaries_print_as_flat_lines_not_python_reprs():
+    """train, distill and evaluate print their summaries through one formatter: nested tables
+    become dotted keys, lists comma-separated, floats to 4 significant digits."""
+    from rissole_edge.cli import _flat_lines
+
+    assert _flat_lines({"fd": 12.34567, "per_label": {"bag": 0.5, "coat": 1}, "names": ["a", "b"], "n": 3}) == \
+        ["fd: 12.35", "per_label.bag: 0.5", "per_label.coat: 1", "names: a, b", "n: 3"]
