@@ -13,6 +13,7 @@ an output, not from ONNX shape inference, which loses them after the GroupNorm r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -208,6 +209,28 @@ def _dense_conv_matrix(w: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[int,
                     if 0 <= iy < h and 0 <= ix < wd:
                         dense[:, oy, ox, :, iy, ix] = w[:, :, ky, kx]
     return dense.reshape(co * oh * ow, ci * h * wd)
+
+
+def kernel_from_dense(dense: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of `_dense_conv_matrix`, so that teacher.py can rebuild a torch net from a
+    rewritten graph: the (co*OH*OW, ci*H*W) matrix of a convolution on a small map back to its
+    (co, ci, kh, kw) kernel (square maps, padding kh // 2, as the UNet's convs are).
+    A tap that lands on the map at no output position (the first row of a stride-2 kernel on a
+    2x2 map) only ever multiplies padding at this map size: it comes back as 0, and the rebuilt
+    net computes the same function on blocks of this size."""
+    co, ci, kh, kw = shape
+    oh, h = math.isqrt(dense.shape[0] // co), math.isqrt(dense.shape[1] // ci)
+    stride, pad = max(1, h // oh), kh // 2
+    d = dense.reshape(co, oh, oh, ci, h, h)
+    w = np.zeros(shape, dense.dtype)
+    for ky in range(kh):
+        for kx in range(kw):
+            spots = [(oy, ox) for oy in range(oh) for ox in range(oh)
+                     if 0 <= oy * stride - pad + ky < h and 0 <= ox * stride - pad + kx < h]
+            if spots:
+                oy, ox = spots[0]
+                w[:, :, ky, kx] = d[:, oy, ox, :, oy * stride - pad + ky, ox * stride - pad + kx]
+    return w
 
 
 def convs_as_gemm(model: bytes, shapes: Shapes) -> bytes:

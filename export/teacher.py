@@ -9,7 +9,6 @@ and each image's neighbours from the bundle's own HNSW index, as training drew t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rissole_edge.errors import DataError
 from rissole_edge.retrieval import Database
 
 from . import config, database, denoiser, onnx_export
+from .graph import kernel_from_dense
 from .sampling import RunModels
 
 
@@ -62,27 +62,6 @@ def _dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -
     return (q.astype(np.float32) - zero.astype(np.float32).reshape(shape)) * scale.reshape(shape)
 
 
-def _conv_from_dense(dense: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Undo graph.convs_as_gemm: the (co*OH*OW, ci*H*W) matrix of a convolution on a small map
-    back to its (co, ci, kh, kw) kernel (square maps, padding kh // 2, as the UNet's convs are).
-    A tap that lands on the map at no output position (the first row of a stride-2 kernel on a
-    2x2 map) only ever multiplies padding at this map size: it comes back as 0, and the rebuilt
-    net computes the same function on blocks of this size."""
-    co, ci, kh, kw = shape
-    oh, h = math.isqrt(dense.shape[0] // co), math.isqrt(dense.shape[1] // ci)
-    stride, pad = max(1, h // oh), kh // 2
-    d = dense.reshape(co, oh, oh, ci, h, h)
-    w = np.zeros(shape, dense.dtype)
-    for ky in range(kh):
-        for kx in range(kw):
-            spots = [(oy, ox) for oy in range(oh) for ox in range(oh)
-                     if 0 <= oy * stride - pad + ky < h and 0 <= ox * stride - pad + kx < h]
-            if spots:
-                oy, ox = spots[0]
-                w[:, :, ky, kx] = d[:, oy, ox, :, oy * stride - pad + ky, ox * stride - pad + kx]
-    return w
-
-
 def onnx_weights(model: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
     """State-dict-named fp32 weights of an exported denoiser: fp32 or int8 QDQ (weights
     dequantized), before or after the rewrites of graph.py. `shapes` are the state dict's."""
@@ -103,7 +82,7 @@ def onnx_weights(model: bytes, shapes: dict[str, tuple[int, ...]]) -> dict[str, 
             out[f"{path}.weight"], out[f"{path}.bias"] = values[node.input[1]], values[node.input[2]]
         elif node.op_type == "Gemm" and node.name.endswith("/Conv_as_gemm"):
             weight_shape = shapes[f"{path}.weight"]
-            out[f"{path}.weight"] = _conv_from_dense(values[node.input[1]], weight_shape)
+            out[f"{path}.weight"] = kernel_from_dense(values[node.input[1]], weight_shape)
             out[f"{path}.bias"] = values[node.input[2]][::len(values[node.input[2]]) // weight_shape[0]]
         elif node.op_type in ("Mul", "Add"):
             consts = [i for i in node.input if i in values and not i.startswith("net.")]
