@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from rissole_edge import blocks
+from rissole_edge import retrieval
+from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.retrieval import keys_of, project   # the runtime computes query keys the same way
 
 from . import pack
@@ -143,6 +145,20 @@ def bundle_members(r: Retrieval, codes: np.ndarray, labels: np.ndarray | None) -
     if labels is not None:
         members["labels.npy"] = pack.npy(labels.astype(np.int64))
     return members
+
+
+def with_entry_neighbours(manifest: dict, members: dict[str, bytes]) -> dict[str, bytes]:
+    """`members` with `entry_neighbours.npy` made afresh (last, as a new member goes): every
+    entry's neighbour lists as the runtime's own query of this bundle's index returns them, so
+    that generating from an entry needs no index. Every writer of a database or its labels
+    (export, build-db, relabel) calls it just before `pack.write`; a bundle without retrieval
+    (k = 0) gets none."""
+    members = {name: data for name, data in members.items() if name != retrieval.ENTRY_NEIGHBOURS}
+    spec = Spec.from_manifest(manifest)
+    if spec.k == 0:
+        return members
+    table = retrieval.entry_neighbour_table(retrieval.Database(Bundle.in_memory(manifest, members), spec))
+    return {**members, retrieval.ENTRY_NEIGHBOURS: pack.npy(table)}
 
 
 def manifest_fields(r: Retrieval, cfg: DatabaseConfig) -> dict:

@@ -195,5 +195,5 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     manifest.update({"quantization": quant_info, "parity": parity})
     if distilled:
         manifest["distilled"] = distilled["distilled"]
-    pack.write(out, manifest, {**final, **db_members}, signing_key)
+    pack.write(out, manifest, database.with_entry_neighbours(manifest, {**final, **db_members}), signing_key)
     return manifest

@@ -68,5 +68,5 @@ def build_db(bundle_path: Path, folder: Path, out: Path, log=print, signing_key:
     manifest["retrieval"] = {**r, **database.manifest_fields(retrieval, db_cfg)}
     manifest["dataset"] = {"name": images.name, "licence": images.licence, "attribution": images.attribution,
                            "labels": images.class_names, "rebuilt_from": m.get("dataset", {}).get("name")}
-    pack.write(Path(out), manifest, members, signing_key)
+    pack.write(Path(out), manifest, database.with_entry_neighbours(manifest, members), signing_key)
     return manifest

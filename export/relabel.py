@@ -4,7 +4,8 @@ A bundle exported before its data source had labels (the shipped twemoji bundle)
 them without retraining: its database entries are the source's training images in order, so
 the source's training labels are the entries' labels. That order is checked, not assumed: the
 training images are encoded with the bundle's own encoder and must give the bundle's codes, or
-the bundle is refused. Only labels.npy and the manifest's dataset.labels change.
+the bundle is refused. Only labels.npy, the manifest's dataset.labels and the per-label neighbour
+lists of entry_neighbours.npy change.
 
     python -m rissole_export.relabel models/twemoji.rissole twemoji -o models/twemoji.rissole
 """
@@ -21,7 +22,7 @@ from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.errors import RissoleError, UsageError
 from rissole_edge.generator import Generator
 
-from . import data, pack
+from . import data, database, pack
 from .config import DataConfig
 from .rebuild import _encode
 
@@ -74,7 +75,7 @@ def relabel(bundle_path: Path, source: str, out: Path, log=print) -> dict:
     members.pop("labels.npy", None)       # the new labels go last, as a new member would
     members["labels.npy"] = pack.npy(images.train_labels.astype(np.int64))
     manifest["dataset"] = {**m.get("dataset", {}), "labels": list(images.class_names)}
-    pack.write(Path(out), manifest, members)
+    pack.write(Path(out), manifest, database.with_entry_neighbours(manifest, members))
     return manifest
 
 

@@ -371,6 +371,7 @@ def verify(
     with Generator.open(bundle, threads=1, trusted_keys=_trusted(trusted_key)) as gen:
         gen.bundle.verify_all()
         gen.generate(1, seed=0, steps=1, as_array=True, force_steps=True)
+        gen.db.load_index()          # generation from entry_neighbours.npy does not load it
     typer.echo(f"{bundle}: OK")
 
 

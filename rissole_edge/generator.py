@@ -217,8 +217,7 @@ class Generator:
             else:
                 entry = query.entry if query.entry is not None else \
                     self.db.random_entry(rng.query_rng(seed, i), label)
-                found = self.db.neighbours(self.db.key_of_entry(entry), self.db.codes[entry],
-                                           rng.neighbour_rng(seed, i), label, exclude=entry)
+                found = self.db.entry_neighbours(entry, rng.neighbour_rng(seed, i), label)
             nb = self.db.blocks(found)                                 # (k, P, C, s, s)
             out[row] = nb.transpose(1, 0, 2, 3, 4).reshape(spec.positions, -1, spec.block_side, spec.block_side)
         return out

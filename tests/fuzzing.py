@@ -76,6 +76,14 @@ def edit_members(raw: bytes, rng: random.Random) -> bytes:
     return _assemble(manifest, data)
 
 
+def _replace_content(manifest: dict, data: bytes, name: str, content: bytes) -> bytes:
+    """The bundle with member `name` (same size) replaced and every checksum agreeing with it."""
+    entry = manifest["members"][name]
+    data = data[:entry["offset"]] + content + data[entry["offset"] + entry["size"]:]
+    entry["sha256"] = hashlib.sha256(content).hexdigest()
+    return _assemble(manifest, data)
+
+
 def deep_member(raw: bytes, rng: random.Random) -> bytes:
     """Damage one member's content, then make every checksum agree with the damage."""
     manifest, data = _parts(raw)
@@ -85,12 +93,28 @@ def deep_member(raw: bytes, rng: random.Random) -> bytes:
     for _ in range(rng.randint(1, 8)):
         if content:
             content[rng.randrange(len(content))] = rng.randrange(256)
-    data = data[:entry["offset"]] + bytes(content) + data[entry["offset"] + entry["size"]:]
-    entry["sha256"] = hashlib.sha256(bytes(content)).hexdigest()
-    return _assemble(manifest, data)
+    return _replace_content(manifest, data, name, bytes(content))
 
 
-MUTATIONS = [truncate, flip_bit, set_field, edit_members, deep_member]
+def entry_lists(raw: bytes, rng: random.Random) -> bytes:
+    """Damage entry_neighbours.npy where its checks look (checksums repaired): one id set to
+    any value (past the database, the filler: a gap, or another entry) in the any-label row of
+    an entry. A bundle without the member gets `deep_member` instead."""
+    manifest, data = _parts(raw)
+    entry = manifest["members"].get("entry_neighbours.npy")
+    if entry is None:
+        return deep_member(raw, rng)
+    images, window = manifest["retrieval"]["images"], manifest["retrieval"]["window"]
+    item = 2 if images < 0xFFFF else 4
+    content = bytearray(data[entry["offset"]:entry["offset"] + entry["size"]])
+    start = len(content) - images * 2 * window * item            # the .npy data follows its header
+    at = start + (rng.randrange(images) * 2 * window + rng.randrange(window)) * item
+    value = rng.choice([images, images + 1, (1 << 8 * item) - 1, rng.randrange(images)])
+    content[at:at + item] = value.to_bytes(item, "little")
+    return _replace_content(manifest, data, "entry_neighbours.npy", bytes(content))
+
+
+MUTATIONS = [truncate, flip_bit, set_field, edit_members, deep_member, entry_lists]
 
 
 def mutate(raw: bytes, seed: int) -> tuple[str, bytes]:

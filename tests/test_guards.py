@@ -171,9 +171,10 @@ def test_index_ids_outside_the_index_are_refused():
     check_index(_set_u32(data, first_link, count - 1), count, 8)
 
 
-def test_a_bundle_whose_index_points_outside_does_not_open(tmp_path):
+def test_a_bundle_whose_index_points_outside_is_refused_before_hnswlib_loads_it(tmp_path):
+    """The index loads on first use (a query by image, or verify): there the guard refuses it."""
     data = Bundle.open(SHIPPED).read("index.bin")
     count = _layout(data)["count"]
     crafted = _repacked(tmp_path, {"index.bin": _set_u32(data, HEADER.size + 4, count + 1)})
-    with pytest.raises(BundleError, match="points outside the index"):
-        Generator.open(crafted)
+    with Generator.open(crafted) as gen, pytest.raises(BundleError, match="points outside the index"):
+        gen.db.load_index()
