@@ -177,9 +177,9 @@ class Generator:
                 self._decode)
             for ids in groups:
                 cond = self._conditions(ids, seed, query)
-                latents = self._denoise(ids, seed, steps, sampler_name, cond, guidance, preview)
+                latents, threads = self._denoise(ids, seed, steps, sampler_name, cond, guidance, preview)
                 start = ids[0] - first_index
-                pixels[start:start + len(ids)] = self._decode(latents)
+                pixels[start:start + len(ids)] = self._decode(latents, threads)
                 if on_group is not None:
                     on_group(ids[0], pixels[start:start + len(ids)])
                 if on_progress is not None:
@@ -251,10 +251,11 @@ class Generator:
         return self.db.key_of_latent(latent[0]), own
 
     def _denoise(self, ids: list[int], seed: int, steps: int, sampler_name: str, cond: np.ndarray | None,
-                 guidance: float, preview: Preview | None = None) -> np.ndarray:
+                 guidance: float, preview: Preview | None = None) -> tuple[np.ndarray, int]:
         """All n*P blocks, in chunks of at most `plan.blocks_per_call`, each chunk run through
         every step; the thread plan (workers.py) says how many threads take chunks and how big.
-        Work items are (row, position); row r is image number ids[r]."""
+        Work items are (row, position); row r is image number ids[r]. Returns the latents and
+        the number of threads the plan used."""
         spec = self.spec
         shape = (spec.positions, spec.latent_channels, spec.block_side, spec.block_side)
         work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
@@ -266,8 +267,8 @@ class Generator:
         def run_chunk(items: list[tuple[int, int]]) -> None:
             img = np.array([i for i, _ in items])
             pos = np.array([p for _, p in items], dtype=np.int64)
-            x = np.stack([rng.initial_noise(seed, ids[r], shape)[p] for r, p in items])
-            c = np.stack([cond[r, p] for r, p in items]) if cond is not None else None
+            x = _blocks_of_images(lambda r: rng.initial_noise(seed, ids[r], shape), img, pos)
+            c = cond[img, pos] if cond is not None else None
 
             guided = c is not None and guidance != 1.0
             both_pos = np.concatenate([pos, pos]) if guided else pos
@@ -285,7 +286,7 @@ class Generator:
                 return eps
 
             def noise_fn(step: int) -> np.ndarray:
-                return np.stack([rng.step_noise(seed, ids[r], step, shape)[p] for r, p in items])
+                return _blocks_of_images(lambda r: rng.step_noise(seed, ids[r], step, shape), img, pos)
 
             numbers = np.array([ids[r] for r in img])
             on_step = None if preview is None else \
@@ -296,16 +297,32 @@ class Generator:
         plan = workers.choose(len(work), chunk, self._row_ms * passes, self.threads)
         workers.run(run_chunk, [work[a:a + plan.per_call] for a in range(0, len(work), plan.per_call)],
                     plan.workers)
+        return out, plan.workers
+
+    def _decode(self, latents: np.ndarray, threads: int = 1) -> np.ndarray:
+        """(n, P, C, s, s) blocks -> uint8 images, on up to `threads` threads that share the
+        `plan.images_per_decode` images in flight (the memory plan's bound). The denoiser's
+        thread plan passes its thread count: at 4 steps the decoder is a fifth of the work, and
+        on one thread it would leave the second core idle."""
+        whole = blocks.join(latents, self.spec.blocks_per_side)
+        out = np.empty((len(whole), self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
+        threads = max(1, min(threads, len(whole), self.plan.images_per_decode))
+        size = max(1, min(self.plan.images_per_decode // threads, -(-len(whole) // threads)))
+
+        def decode(start: int) -> None:
+            z = np.ascontiguousarray(whole[start:start + size])
+            out[start:start + size] = to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0])
+
+        workers.run(decode, range(0, len(whole), size), threads)
         return out
 
-    def _decode(self, latents: np.ndarray) -> np.ndarray:
-        """(n, P, C, s, s) blocks -> uint8 images, `plan.images_per_decode` at a time."""
-        whole = blocks.join(latents, self.spec.blocks_per_side)
-        out = []
-        for start in range(0, len(whole), self.plan.images_per_decode):
-            z = np.ascontiguousarray(whole[start:start + self.plan.images_per_decode])
-            out.append(to_uint8(_run(self.decoder, "decoder", ["image"], {"latent": z})[0]))
-        return np.concatenate(out)
+
+def _blocks_of_images(draw: Callable[[int], np.ndarray], rows: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Blocks (rows[j], pos[j]) of per-image draws, `draw(row)` -> (P, C, s, s): each image's
+    noise is drawn once per chunk, not once per block (a draw is a fresh generator, ~10 us, and
+    a chunk holds up to P blocks of an image)."""
+    order, inverse = np.unique(rows, return_inverse=True)
+    return np.stack([draw(int(r)) for r in order])[inverse, pos]
 
 
 def check_count(n: int) -> None:
