@@ -23,7 +23,12 @@ class UNet(nn.Module):
 
     Inputs: x (N, C, s, s) noisy block; t (N,) float timesteps; pos (N,) int64 block
     positions; cond (N, k*C, s, s) the neighbours' blocks at the same position, stacked along
-    channels in rank order (zeros mean "no neighbours": classifier-free guidance).
+    channels in rank order (zeros mean "no neighbours": classifier-free guidance); with
+    `border` w > 0, window (N, C, s+2w, s+2w): the block's window of its own image's x_t
+    (`windows`), so that the block sees the w latent rows/columns of the adjacent blocks that
+    touch it. A (2w+1)-square convolution without padding maps the window onto the block's
+    s x s grid, added to the input features like `cond`; it starts at zero, so a trained net
+    given the switch starts out computing what it did without it.
 
     With `v_schedule` (alpha_bar per timestep) the network predicts v = a eps - s x0 and the
     module returns eps = s x + a v: the output is still epsilon, so the runtime samples it like
@@ -33,7 +38,7 @@ class UNet(nn.Module):
 
     def __init__(self, latent_channels: int, block_size: int, k: int, positions: int,
                  channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str,
-                 v_schedule: torch.Tensor | None = None):
+                 v_schedule: torch.Tensor | None = None, border: int = 0):
         super().__init__()
         if block_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"a block of side {block_size} cannot be halved "
@@ -48,6 +53,11 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels + (cond_channels if concat else 0), channels, 3, padding=1)
         # Additive fusion (the paper): the neighbours get their own conv, added to the input features.
         self.cond_in = nn.Conv2d(cond_channels, channels, 3, padding=1) if k and not concat else None
+        self.border = border
+        self.border_in = nn.Conv2d(latent_channels, channels, 2 * border + 1) if border else None
+        if self.border_in is not None:
+            nn.init.zeros_(self.border_in.weight)
+            nn.init.zeros_(self.border_in.bias)
 
         widths = [channels * m for m in channel_mult]
         self.down = nn.ModuleList()
@@ -76,7 +86,7 @@ class UNet(nn.Module):
             self.register_buffer("alpha_bar", v_schedule.float(), persistent=False)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+                cond: torch.Tensor | None = None, window: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(sinusoidal(t, self.channels))
         if self.pos_emb is not None:
             emb = emb + self.pos_emb(pos)
@@ -86,6 +96,8 @@ class UNet(nn.Module):
             h = self.conv_in(x)
             if self.cond_in is not None:
                 h = h + self.cond_in(cond)
+        if self.border_in is not None:
+            h = h + self.border_in(window)
         hs = [h]
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
@@ -98,6 +110,18 @@ class UNet(nn.Module):
             return self.out(h)
         a = self.alpha_bar[t.long().clamp(0, len(self.alpha_bar) - 1)].view(-1, 1, 1, 1)
         return (1 - a).sqrt() * x + a.sqrt() * self.out(h)
+
+
+def windows(blocks: torch.Tensor, blocks_per_side: int, width: int) -> torch.Tensor:
+    """(n, P, C, s, s) blocks of n images -> (n, P, C, s+2w, s+2w): each block's window of its
+    image (the block and the w rows/columns of every adjacent block that touch it, the corners
+    included), zeros beyond the image's edge. The runtime's numpy twin is
+    `rissole_edge.blocks.windows`; a test holds them equal."""
+    n, p, c, s, _ = blocks.shape
+    b, side = blocks_per_side, s + 2 * width
+    whole = blocks.reshape(n, b, b, c, s, s).permute(0, 3, 1, 4, 2, 5).reshape(n, c, b * s, b * s)
+    tiles = F.pad(whole, (width,) * 4).unfold(2, side, s).unfold(3, side, s)     # (n, C, b, b, side, side)
+    return tiles.permute(0, 2, 3, 1, 4, 5).reshape(n, p, c, side, side)
 
 
 def geometry(cfg: DenoiserConfig, latent_side: int) -> tuple[int, int]:
@@ -114,9 +138,10 @@ def build(cfg: DenoiserConfig, latent_channels: int, latent_side: int) -> UNet:
     k = cfg.k if cfg.kind == "block" else 0
     v_schedule = torch.from_numpy(alphas_cumprod(cfg.schedule, cfg.timesteps)) if cfg.prediction == "v" else None
     return UNet(latent_channels, block_size, k, positions, cfg.channels, cfg.channel_mult,
-                cfg.res_blocks, cfg.fusion, v_schedule)
+                cfg.res_blocks, cfg.fusion, v_schedule, cfg.border)
 
 
 def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,
-                 cond: torch.Tensor | None, noise: torch.Tensor) -> torch.Tensor:
-    return F.mse_loss(model(x_noisy, t, pos, cond), noise)
+                 cond: torch.Tensor | None, noise: torch.Tensor,
+                 window: torch.Tensor | None = None) -> torch.Tensor:
+    return F.mse_loss(model(x_noisy, t, pos, cond, window), noise)

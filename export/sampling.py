@@ -71,33 +71,52 @@ def generate(m: RunModels, query_ids: list[int], seed: int, steps: int = 50,
              on_call: Callable[[dict[str, np.ndarray]], None] | None = None) -> np.ndarray:
     """Images (n, H, W, C) uint8: one per query id, conditioned on that entry's neighbours.
     `on_call` sees the inputs of every denoiser call (the exporter calibrates int8 on them)."""
-    positions = m.latents.shape[1]
+    latent = generate_latents(m.net, m.latents, np.asarray(m.db.neighbours), m.diffusion, query_ids, seed,
+                              steps, sampler, guidance, on_call)
+    return to_pixels(m.ae.decode_latent(torch.from_numpy(latent) / m.scale))
+
+
+@torch.no_grad()
+def generate_latents(net: denoiser.UNet, latents: torch.Tensor, neighbours: np.ndarray, diffusion: Diffusion,
+                     query_ids: list[int], seed: int, steps: int = 50, sampler: str = "ddim",
+                     guidance: float = 1.0,
+                     on_call: Callable[[dict[str, np.ndarray]], None] | None = None) -> np.ndarray:
+    """The scaled latents (n, C, H, W) that `generate` decodes, from a denoiser, the database's
+    block latents (N, P, C, s, s) and its neighbour lists. A border-conditioned denoiser gets,
+    at every call, each block's window of its own image's current x_t."""
+    positions = latents.shape[1]
     b = int(round(positions ** 0.5))
-    c, s = m.net.latent_channels, m.net.block_size
+    c, s = net.latent_channels, net.block_size
     shape = (positions, c, s, s)
     images = range(len(query_ids))
     x = torch.from_numpy(np.stack([rng.initial_noise(seed, i, shape) for i in images]))
     pos = torch.arange(positions).repeat(len(query_ids))
     cond = None
-    if m.net.k:
-        picks = [draw_neighbours(m.db.neighbours[q], m.net.k, rng.neighbour_rng(seed, i))
+    if net.k:
+        picks = [draw_neighbours(neighbours[q], net.k, rng.neighbour_rng(seed, i))
                  for i, q in enumerate(query_ids)]
-        nb = m.latents[torch.from_numpy(np.stack(picks)).long()]          # (n, k, P, C, s, s)
-        cond = nb.permute(0, 2, 1, 3, 4, 5).reshape(-1, m.net.k * c, s, s)
+        nb = latents[torch.from_numpy(np.stack(picks)).long()]          # (n, k, P, C, s, s)
+        cond = nb.permute(0, 2, 1, 3, 4, 5).reshape(-1, net.k * c, s, s)
 
     def eps_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        window = None
+        if net.border:
+            window = denoiser.windows(xt.reshape(-1, *shape), b, net.border).flatten(0, 1)
         if on_call is not None:
             feeds = {"x": xt.numpy(), "t": t.numpy(), "pos": pos.numpy()}
-            on_call(feeds if cond is None else {**feeds, "cond": cond.numpy()})
-        eps = m.net(xt, t, pos, cond)
+            if cond is not None:
+                feeds["cond"] = cond.numpy()
+            if window is not None:
+                feeds["window"] = window.numpy()
+            on_call(feeds)
+        eps = net(xt, t, pos, cond, window)
         if cond is not None and guidance != 1.0:
-            uncond = m.net(xt, t, pos, torch.zeros_like(cond))
+            uncond = net(xt, t, pos, torch.zeros_like(cond), window)
             eps = uncond + guidance * (eps - uncond)
         return eps
 
     def noise_fn(step: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([rng.step_noise(seed, i, step, shape) for i in images])).reshape(-1, c, s, s)
 
-    out = m.diffusion.sample(eps_fn, x.reshape(-1, c, s, s), steps, sampler, noise_fn)
-    latent = blocks.join(out.reshape(len(query_ids), positions, c, s, s).numpy(), b)
-    return to_pixels(m.ae.decode_latent(torch.from_numpy(latent) / m.scale))
+    out = diffusion.sample(eps_fn, x.reshape(-1, c, s, s), steps, sampler, noise_fn)
+    return blocks.join(out.reshape(len(query_ids), positions, c, s, s).numpy(), b)

@@ -248,9 +248,44 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
     cfg = ctx.cfg.denoiser
     db = database.Database.load(ctx.run / "database")
     ae = load_autoencoder(ctx.run, ctx.cfg)
-    latents = block_latents(ae, db, whole=cfg.kind == "whole").to(ctx.device)   # (N, P, C, s, s)
-    neighbours = torch.from_numpy(db.neighbours).long().to(ctx.device)
-    net = denoiser.build(cfg, db.meta["latent_channels"], db.meta["latent_side"]).to(ctx.device)
+    latents = block_latents(ae, db, whole=cfg.kind == "whole")                  # (N, P, C, s, s)
+    net = denoiser.build(cfg, db.meta["latent_channels"], db.meta["latent_side"])
+    diffusion = Diffusion(cfg.schedule, cfg.timesteps)
+    preview_ids = np.random.default_rng(ctx.cfg.seed).permutation(len(latents))[:16].tolist()
+
+    def preview(ema: denoiser.UNet, step: int) -> None:
+        m = RunModels(ctx.cfg, ae, ema, db, latents, diffusion)
+        save_grid(generate(m, preview_ids, seed=ctx.cfg.seed, steps=25), ctx.run / "samples" / f"denoiser-{step:06d}.png")
+
+    fit_denoiser(ctx, net, latents, np.asarray(db.neighbours), preview)
+    return {"parameters": count_parameters(net)}
+
+
+def noisy_batch(diffusion: Diffusion, images: torch.Tensor, pos: torch.Tensor, t: torch.Tensor,
+                g: torch.Generator, border: int, blocks_per_side: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_t of block `pos`, its noise, its window or None) for latents `images` (batch, P, C, s, s).
+    With `border` the whole latent of each image is noised at its one timestep, so the strips
+    of the adjacent blocks in the window are what sampling gives the block: x_t at the same t."""
+    rows = torch.arange(len(images), device=images.device)
+    if not border:
+        x0 = images[rows, pos]
+        noise = torch.randn(x0.shape, generator=g).to(images.device)
+        return diffusion.add_noise(x0, t, noise), noise, None
+    noise = torch.randn(images.shape, generator=g).to(images.device)
+    x_t = diffusion.add_noise(images, t, noise)
+    return x_t[rows, pos], noise[rows, pos], denoiser.windows(x_t, blocks_per_side, border)[rows, pos]
+
+
+def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighbours: np.ndarray,
+                 preview: Callable[[denoiser.UNet, int], None] | None = None) -> None:
+    """Train `net` (from its current weights) on `latents` (N, P, C, s, s) with the neighbour
+    lists `neighbours` (N, window), checkpointing to ctx.run/denoiser.safetensors and resuming
+    from it; `preview(ema on the CPU, step)` draws a sample grid every `sample_every` steps."""
+    cfg = ctx.cfg.denoiser
+    latents = latents.to(ctx.device)
+    neighbours = torch.from_numpy(neighbours).long().to(ctx.device)
+    net = net.to(ctx.device)
     ema = copy.deepcopy(net).requires_grad_(False)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
     # fused: one kernel per step on a GPU, where this small model is bound by kernel launches
@@ -260,8 +295,8 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
     model = ctx.wrap(net)
     diffusion = Diffusion(cfg.schedule, cfg.timesteps)
     n, positions, c, s, _ = latents.shape
+    b = int(round(positions ** 0.5))
     batch = max(1, cfg.batch_size // ctx.world)
-    preview_ids = np.random.default_rng(ctx.cfg.seed).permutation(n)[:16].tolist()
 
     def save(step: int) -> None:
         ctx.save("denoiser", step, modules, optimizers)
@@ -270,7 +305,6 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
         g = ctx.generator("denoiser", step)
         idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
         pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
-        x0 = latents[idx, pos]
         cond = None
         if net.k:
             # k of the `window` nearest, in rank order: the same rule as at sampling time
@@ -282,8 +316,8 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
             keep = (torch.rand(batch, generator=g) >= cfg.cond_drop).float().to(ctx.device)
             cond = cond * keep[:, None, None, None]
         t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
-        noise = torch.randn(x0.shape, generator=g).to(ctx.device)
-        loss = denoiser.epsilon_loss(model, diffusion.add_noise(x0, t, noise), t.float(), pos, cond, noise)
+        x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b)
+        loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -292,12 +326,9 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
             torch._foreach_lerp_(ema_params, net_params, 1 - decay)   # one launch, not one per tensor
         if (step + 1) % ctx.cfg.log_every == 0:
             ctx.log("denoiser", step + 1, loss=loss.item())
-        if ctx.main and ((step + 1) % ctx.cfg.sample_every == 0 or step + 1 == cfg.steps):
-            m = RunModels(ctx.cfg, ae, ema.cpu().eval(), db, latents.cpu(), diffusion)
-            images = generate(m, preview_ids, seed=ctx.cfg.seed, steps=25)
-            save_grid(images, ctx.run / "samples" / f"denoiser-{step + 1:06d}.png")
+        if preview is not None and ctx.main and ((step + 1) % ctx.cfg.sample_every == 0 or step + 1 == cfg.steps):
+            preview(ema.cpu().eval(), step + 1)
             ema.to(ctx.device)
-    return {"parameters": count_parameters(net)}
 
 
 # ---------------------------------------------------------------- the command

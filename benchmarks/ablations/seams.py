@@ -1,0 +1,137 @@
+"""Seams at 64x64: does border-strip conditioning (denoiser.border) remove them? (issue 17, item 2)
+
+The twemoji run behind the shipped bundle is not kept, and its autoencoder costs more than this
+ablation may spend, so both rows are fine-tunes of the shipped bundle's denoiser on the
+bundle's own latents and neighbour lists (export/teacher.py rebuilds all three from the
+bundle): the same start, steps, batch, seed and learning rate for both. The border row's
+window convolution starts at zero, so both rows start as the same network. Images are decoded
+with the bundle's decoder; the seam control is the held-out test emoji through the bundle's
+encoder and decoder, as `evaluate` measures it.
+
+    python benchmarks/ablations/seams.py train --row baseline --out RUN [--steps N] [--resume]
+    python benchmarks/ablations/seams.py train --row border --out RUN [--border 2] ...
+    python benchmarks/ablations/seams.py evaluate RUN... [-n 1000] [--json OUT]
+
+Training checkpoints every 500 steps and continues with --resume; one torch thread (the
+machine is shared). `evaluate` prints one JSON object per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rissole_edge.generator import Generator
+from rissole_edge.images import to_uint8
+from rissole_export import checkpoint, config, data, denoiser, evaluate, teacher, train
+from rissole_export.diffusion import Diffusion
+from rissole_export.sampling import generate_latents
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = ROOT / "models" / "twemoji.rissole"
+RECIPE = ROOT / "models" / "twemoji.toml"
+CHUNK = 100               # images per sampling call: bounds memory
+
+
+def base_config() -> config.RunConfig:
+    return config.resolve("small", config.read_config_file(RECIPE))
+
+
+def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dict:
+    base = base_config()
+    cfg = base_config()
+    cfg.denoiser.steps = steps
+    cfg.denoiser.border = border if row == "border" else 0
+    cfg.data.source = "twemoji"
+    if (out / "denoiser.safetensors").exists() and not resume:
+        sys.exit(f"{out} holds a checkpoint: pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, out / "config.json")
+    start = teacher.from_bundle(BUNDLE, base)
+    net = denoiser.build(cfg.denoiser, start.latents.shape[2], start.latents.shape[-1] * cfg.denoiser.blocks_per_side)
+    missing, unexpected = net.load_state_dict(start.net.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("border_in.") for k in missing), (missing, unexpected)
+    ctx = train.Context(out, cfg, None, progress=True)
+    began = time.monotonic()
+    with train.stop_on_signals(ctx):
+        try:
+            train.fit_denoiser(ctx, net, start.latents, start.neighbours)
+        except train.Stopped as e:
+            return {"row": row, "status": str(e)}
+    return {"row": row, "steps": steps, "border": cfg.denoiser.border, "seconds": round(time.monotonic() - began, 1)}
+
+
+def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]:
+    start = teacher.from_bundle(BUNDLE, base_config())
+    images = data.load("twemoji", base_config().data)
+    test = images.test
+    train_px = evaluate._unit(images.train)
+    with Generator.open(BUNDLE, threads=1) as gen:
+        control = evaluate._onnx_round_trip(gen)(test)
+
+        def decode(latent: np.ndarray) -> np.ndarray:
+            return to_uint8(gen.decoder.run(["image"], {"latent": latent.astype(np.float32)})[0])
+
+        f_test = evaluate.features(test)
+        rows = [{"row": "control: test emoji through the bundle's autoencoder", "n": len(test),
+                 "seam_ratio": evaluate.seam_ratio(control, 2), "seam_ratio_test": evaluate.seam_ratio(test, 2),
+                 "block_agreement": evaluate.block_agreement(evaluate._unit(control), train_px, 2),
+                 "block_agreement_test": evaluate.block_agreement(evaluate._unit(test), train_px, 2)}]
+        ids = np.random.default_rng(seed).integers(0, len(start.latents), n).tolist()
+        for run in runs:
+            cfg = config.load(run / "config.json")
+            net = denoiser.build(cfg.denoiser, start.latents.shape[2], start.latents.shape[-1] * cfg.denoiser.blocks_per_side)
+            net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
+            net.eval()
+            began = time.monotonic()
+            generated = np.concatenate([
+                decode(generate_latents(net, start.latents, start.neighbours, Diffusion(cfg.denoiser.schedule, cfg.denoiser.timesteps), ids[i:i + CHUNK],
+                                        seed * 1000 + i // CHUNK, steps, "ddim", start.guidance))
+                for i in range(0, n, CHUNK)])
+            rows.append({"row": str(run), "trained_steps": checkpoint.step_of(run / "denoiser.safetensors"),
+                         "border": cfg.denoiser.border, "n": n, "ddim_steps": steps, "guidance": start.guidance,
+                         "seam_ratio": evaluate.seam_ratio(generated, 2),
+                         "seam_ratio_over_control": evaluate.seam_ratio(generated, 2) / rows[0]["seam_ratio"],
+                         "fd_effnetlite0_vs_test": evaluate.frechet_distance(evaluate.features(generated), f_test),
+                         "block_agreement": evaluate.block_agreement(evaluate._unit(generated), train_px, 2),
+                         "generate_seconds": round(time.monotonic() - began, 1)})
+            save_grid = ROOT / "benchmarks" / "ablations" / f"seams-{run.name}.png"
+            train.save_grid(generated[:64], save_grid)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--row", choices=("baseline", "border"), required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--border", type=int, default=2)
+    t.add_argument("--resume", action="store_true")
+    e = sub.add_parser("evaluate")
+    e.add_argument("runs", type=Path, nargs="+")
+    e.add_argument("-n", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    if args.command == "train":
+        print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.resume)))
+        return
+    rows = evaluate_runs(args.runs, args.n, args.seed, args.steps)
+    text = json.dumps(rows, indent=2) + "\n"
+    if args.json:
+        args.json.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
