@@ -408,6 +408,6 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
         quant = {**quant, "models": [n for n in quant.get("models", []) if n != "denoiser.onnx"],
                  "fp32_models": sorted(set(quant.get("fp32_models", [])) | {"denoiser.onnx"})}
     manifest.update(quantization=quant, parity=parity)
-    manifest["memory"] = {**manifest["memory"], "block_bytes": onnx_export.activation_bytes(fp32)}
+    manifest["memory"] = {**manifest["memory"], "block_bytes": graph.activation_bytes(fp32)}
     pack.write(out, manifest, {**members, "denoiser.onnx": model}, signing_key)
     return manifest

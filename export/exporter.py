@@ -164,8 +164,8 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         "dataset": meta["dataset"],
         "parameters": {"denoiser": count_parameters(m.net), "decoder": count_parameters(m.ae.decoder)
                        + m.ae.codebook.embedding.numel(), "encoder": count_parameters(m.ae.encoder)},
-        "memory": {"block_bytes": onnx_export.activation_bytes(nets["denoiser.onnx"]),
-                   "image_bytes": onnx_export.activation_bytes(nets["decoder.onnx"])},
+        "memory": {"block_bytes": graph.activation_bytes(nets["denoiser.onnx"]),
+                   "image_bytes": graph.activation_bytes(nets["decoder.onnx"])},
     }
 
     # Parity runs on in-memory bundles: no file that looks like a bundle exists before the real one.

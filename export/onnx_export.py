@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import warnings
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -79,15 +78,3 @@ def decoder(ae: VQAutoencoder, scale: float, latent_side: int) -> bytes:
 def encoder(ae: VQAutoencoder, channels: int, size: int) -> bytes:
     return _export(_Encoder(ae), (torch.rand(2, channels, size, size) * 2 - 1,), ["image"], ["latent", "codes"])
 
-
-def activation_bytes(model: bytes) -> int:
-    """Bytes of every intermediate tensor of one batch item, from ONNX shape inference: an
-    upper bound on what one more item in a call costs (the planner's unit)."""
-    inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(model))
-    graph = inferred.graph
-    total = 0
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
-        dims = value.type.tensor_type.shape.dim
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
-        total += int(np.prod([d.dim_value if d.dim_value > 0 else 1 for d in dims])) * itemsize
-    return total

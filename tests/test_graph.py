@@ -83,6 +83,22 @@ def test_macs_match_a_hand_count(tiny: UNet, tiny_int8: bytes) -> None:
     assert sum(graph.node_macs(tiny_int8).values()) == sum(hand)        # weights behind DequantizeLinear
 
 
+def test_activation_bytes_count_every_per_item_value_and_no_weight() -> None:
+    """x (N,3) -> Reshape (N,3,1) -> Mul by a dequantized weight -> y: per item 12 bytes of x,
+    12 of the reshape, 12 of y; the weight's DequantizeLinear output (computed once, not per
+    item) and the weights themselves do not count."""
+    weight = [onnx.numpy_helper.from_array(np.array([1, 2, 3], np.int8).reshape(3, 1), "wq"),
+              onnx.numpy_helper.from_array(np.array(0.5, np.float32), "ws"),
+              onnx.numpy_helper.from_array(np.array([-1, 3, 1], np.int64), "shape")]
+    nodes = [onnx.helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"]),
+             onnx.helper.make_node("Reshape", ["x", "shape"], ["r"]),
+             onnx.helper.make_node("Mul", ["r", "w"], ["y"])]
+    g = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+                               [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 1])], weight)
+    model = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    assert graph.activation_bytes(model.SerializeToString()) == 3 * 12
+
+
 def _torch_macs(net: UNet, feeds: dict) -> int:
     """MACs per item counted from the torch module's own layers, by hooks on one call."""
     total = 0
