@@ -197,20 +197,25 @@ def test_each_student_step_lands_nearer_the_teachers_sub_steps_than_its_own_step
     assert sum(student_errors) < 0.8 * sum(teacher_errors), (student_errors, teacher_errors)
 
 
-def test_the_shipped_4_step_bundle_verifies_generates_and_refuses_other_steps(tmp_path):
-    """CI never distils the shipped student; it checks that it verifies, generates at its 4
-    steps, and refuses others."""
+@pytest.mark.parametrize("student,teacher,label", [("fashion-mnist-4step", "fashion-mnist", "sneaker"),
+                                                   ("twemoji", "twemoji-teacher", "food-drink")])
+def test_the_shipped_4_step_bundles_verify_generate_and_refuse_other_steps(tmp_path, student, teacher, label):
+    """CI never distils the shipped students; it checks that each verifies, generates at its 4
+    steps by default, refuses others, and names its shipped teacher (`twemoji` is the default
+    name's student: its teacher ships as `twemoji-teacher`)."""
     from PIL import Image
 
     from rissole_edge.shipped import shipped_bundle
 
-    assert cli("verify", "fashion-mnist-4step").returncode == 0
-    report = json.loads(cli("generate", "-m", "fashion-mnist-4step", "--label", "sneaker", "-n", "2",
+    assert cli("verify", student).returncode == 0
+    report = json.loads(cli("generate", "-m", student, "--label", label, "-n", "2",
                             "-o", str(tmp_path), "--json", check=True).stdout)
     assert np.asarray(Image.open(report["images"][0])).std() > 5
-    refused = cli("generate", "-m", "fashion-mnist-4step", "--steps", "10", "-o", str(tmp_path / "x"))
+    refused = cli("generate", "-m", student, "--steps", "10", "-o", str(tmp_path / "x"))
     assert refused.returncode == 2 and "--steps 4" in refused.stderr
-    assert Bundle.open(shipped_bundle("fashion-mnist-4step")).manifest["distilled"]["teacher"] == "fashion-mnist"
+    manifest = Bundle.open(shipped_bundle(student)).manifest
+    assert Spec.from_manifest(manifest).steps == 4 and manifest["distilled"]["teacher"] == teacher
+    assert Spec.from_manifest(Bundle.open(shipped_bundle(teacher)).manifest).distilled_steps == 0
 
 
 def test_evaluate_samples_a_distilled_bundle_at_its_own_steps():

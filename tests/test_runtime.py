@@ -48,7 +48,7 @@ def test_image_i_of_a_batch_equals_it_alone(tiny_bundle, gen, sampler_name):
 
 
 
-@pytest.mark.parametrize("name", ["tiny", "fashion-mnist", "twemoji"])
+@pytest.mark.parametrize("name", ["tiny", "fashion-mnist", "twemoji", "twemoji-teacher"])
 def test_a_denoiser_row_does_not_depend_on_its_batch(tiny_bundle, name):
     """Thread plans cut a group's blocks into chunks of any size: that is only allowed because
     onnxruntime's kernels (int8 and fp32) give each row the same result whatever the batch."""
@@ -278,14 +278,16 @@ def test_bench_quick_smoke(tiny_bundle):
             assert all(v > 0 for v in row["median"].values())
 
 
-@pytest.mark.parametrize("name,extra,size,mode", [("fashion-mnist", ["--label", "sneaker"], 32, "L"),
-                                                   ("twemoji", ["--label", "food-drink"], 64, "RGB")])
+@pytest.mark.parametrize("name,extra,size,mode", [
+    ("fashion-mnist", ["--label", "sneaker", "--steps", "10"], 32, "L"),
+    ("twemoji", ["--label", "food-drink"], 64, "RGB"),                  # the 4-step student: its own steps
+    ("twemoji-teacher", ["--label", "food-drink", "--steps", "10"], 64, "RGB")])
 def test_shipped_bundles_verify_and_generate(tmp_path, name, extra, size, mode):
     """CI never trains the shipped models; it checks that they verify and generate."""
     from rissole_edge.shipped import shipped_bundle
     bundle = shipped_bundle(name)
     assert cli("verify", str(bundle)).returncode == 0
-    report = json.loads(cli("generate", "-m", name, *extra, "-n", "2", "--steps", "10",
+    report = json.loads(cli("generate", "-m", name, *extra, "-n", "2",
                             "-o", str(tmp_path), "--json", check=True).stdout)
     image = Image.open(report["images"][0])
     assert len(report["images"]) == 2 and image.size == (size, size) and image.mode == mode
