@@ -42,24 +42,24 @@ def stage(name):
     stages.append({"stage": name, "rss_mb": now, "peak_mb": peak})
 """
 
-# The runtime's dependencies one at a time, then the bundle's parts one at a time.
+# The runtime's dependencies one at a time, then the bundle's parts one at a time; last, what
+# only some queries load (the HNSW index for --like; Pillow for --like, --grid and --preview).
 PARTS = _RSS + """
 import json, sys
 stage("python")
 import numpy; stage("+ numpy")
 import onnxruntime; stage("+ onnxruntime")
-import hnswlib; stage("+ hnswlib")
-import PIL.Image; stage("+ PIL")
+import rissole_edge.rng; stage("+ numpy.random (rissole_edge.rng, without OpenSSL)")
 from rissole_edge import generator, retrieval, workers; stage("+ rissole_edge.generator")
-import numpy.random; stage("+ numpy.random (first generation)")
-import PIL.PngImagePlugin; stage("+ PIL's PNG plugin (first PNG)")
 import rissole_edge.cli; stage("+ rissole_edge.cli (typer)")
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.shipped import resolve
 bundle = Bundle.open(resolve(None)); spec = Spec.from_manifest(bundle.manifest); stage("Bundle.open")
 denoiser = workers.session(bundle, "denoiser.onnx"); stage("+ denoiser session")
 decoder = workers.session(bundle, "decoder.onnx"); stage("+ decoder session")
-db = retrieval.Database(bundle, spec); stage("+ database (index, codes, labels)")
+db = retrieval.Database(bundle, spec); stage("+ database (codes, labels, entry neighbour lists)")
+db.load_index(); stage("+ HNSW index (only a --like query loads it)")
+import PIL.Image, PIL.PngImagePlugin; stage("+ Pillow (only --like, --grid, --preview load it)")
 print(json.dumps(stages))
 """
 
@@ -84,8 +84,8 @@ from rissole_edge import images
 from rissole_edge.generator import Generator
 n, out = int(sys.argv[1]), Path(sys.argv[2])
 with Generator.open() as gen:
-    for i, picture in enumerate(gen.generate(n)):
-        images.save_png(picture, out / f"{i:04d}.png")
+    for i, pixels in enumerate(gen.generate(n, as_array=True)):
+        images.save_png(pixels, out / f"{i:04d}.png")
 """
 
 

@@ -154,7 +154,8 @@ def generate(
             pictures = gen.generate(n, seed=seed, steps=steps, sampler_name=sampler_name, guidance=guidance,
                                     query=Query(entry=query_id, like=like, label=label),
                                     on_group=writer.write_group, on_progress=lambda done, _n: bar.update(done),
-                                    on_preview=on_preview, preview_every=preview_every, force_steps=force_steps)
+                                    on_preview=on_preview, preview_every=preview_every, force_steps=force_steps,
+                                    as_array=True)
         except KeyboardInterrupt:
             bar.close()
             typer.echo(f"interrupted: {writer.summary()}", err=True)

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 from . import blocks, budget, rng, sampler, shipped, workers
 from .preview import Preview, PreviewFn, default_every
@@ -24,6 +25,9 @@ from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
 from .retrieval import Database
 from .schedule import alphas_cumprod
+
+if TYPE_CHECKING:
+    from PIL import Image     # imported where a picture is made or read: a default generate never needs it
 
 MAX_IMAGES = 10_000
 Progress = Callable[[int, int], None]
@@ -232,6 +236,8 @@ class Generator:
         return self.encoder
 
     def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
         encoder = self.encoder_session()
         if not isinstance(like, Image.Image):
             try:

@@ -1,13 +1,23 @@
-"""Turning decoder output into pictures and writing them without leaving partial files."""
+"""Turning decoder output into pictures and writing them without leaving partial files.
+
+Pillow is imported only where a picture is read, resized or tiled: `generate` writes its PNGs
+with `png_bytes` (zlib), because Pillow and its PNG plugin are 3.4 MB of a default run's RSS
+(benchmarks/results/memory.md).
+"""
 
 from __future__ import annotations
 
 import math
 import os
+import struct
+import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 
 FITS = ("pad", "crop", "stretch")
@@ -25,6 +35,8 @@ def fit(im: Image.Image, size: int, channels: int, background: str, policy: str 
 
     Returns uint8 (size, size, channels); raises ValueError (or TypeError) for a background
     that is not a colour."""
+    from PIL import Image
+
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
@@ -57,6 +69,8 @@ def to_uint8(x: np.ndarray) -> np.ndarray:
 
 
 def to_pil(pixels: np.ndarray) -> Image.Image:
+    from PIL import Image
+
     return Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels)
 
 
@@ -71,6 +85,8 @@ def edge_colour(pixels: np.ndarray) -> tuple[int, ...]:
 def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     """Tile images row by row; the cells of an incomplete last row take the images' own edge
     colour, so that a grid of a black-background model is not padded with white."""
+    from PIL import Image
+
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
     w, h = images[0].size
@@ -81,15 +97,45 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return out
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    """Write atomically (a reader never sees a half-written PNG), with the permissions the
-    umask gives a new file (mkstemp would force 0600): the temp file is created by os.open
-    with mode 0666, which the kernel masks, then renamed over the target."""
+def _filtered_rows(rows: np.ndarray, channels: int) -> np.ndarray:
+    """PNG's adaptive filtering: each row as the one of its five filters (none, Sub, Up,
+    Average, Paeth) whose bytes, read as signed, sum smallest in magnitude, behind its filter
+    type byte (the PNG specification's recommended heuristic)."""
+    x = rows.astype(np.int16)
+    a, b, c = np.zeros_like(x), np.zeros_like(x), np.zeros_like(x)     # left, up, up-left
+    a[:, channels:], b[1:], c[1:, channels:] = x[:, :-channels], x[:-1], x[:-1, :-channels]
+    pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+    paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    candidates = np.stack([x, x - a, x - b, x - (a + b) // 2, x - paeth]).astype(np.uint8)  # modulo 256
+    best = np.abs(candidates.view(np.int8).astype(np.int32)).sum(2).argmin(0)
+    return np.concatenate([best[:, None].astype(np.uint8), candidates[best, np.arange(len(x))]], 1)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A PNG of uint8 pixels (H, W) or (H, W, C), C = 1 grey, 2 grey + alpha, 3 RGB, 4 RGBA:
+    8 bits, no interlace."""
+    channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+    rows = np.asarray(pixels, dtype=np.uint8).reshape(pixels.shape[0], -1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", pixels.shape[1], pixels.shape[0], 8, {1: 0, 2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
+    idat = zlib.compress(_filtered_rows(rows, channels).tobytes(), 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def save_png(image: np.ndarray | Image.Image, path: Path) -> None:
+    """Write uint8 pixels (H, W[, C]) or a grey/RGB picture as a PNG, atomically (a reader never
+    sees a half-written PNG), with the permissions the umask gives a new file (mkstemp would
+    force 0600): the temp file is created by os.open with mode 0666, which the kernel masks,
+    then renamed over the target."""
     path = Path(path)
+    data = png_bytes(np.asarray(image))
     tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(6).hex()}-{path.name}")
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            image.save(f, format="PNG")
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from . import images
 from .errors import UsageError
@@ -71,7 +70,7 @@ class ImageWriter:
                 self.folder.mkdir(parents=True, exist_ok=True)
                 for i, p in enumerate(pixels, start=first):
                     path = self.path(i)
-                    images.save_png(images.to_pil(p), path)
+                    images.save_png(p, path)
                     self.written.append(path)
             except OSError as e:
                 raise UsageError(f"cannot write images: {e.strerror or e}; {self.summary()}") from None
@@ -89,11 +88,12 @@ class ImageWriter:
                 number += 1
         self.folder, self.fresh = DEFAULT_ROOT / f"{number:03d}", False
 
-    def write_grid(self, pictures: list[Image.Image]) -> None:
+    def write_grid(self, pixels: np.ndarray) -> None:
+        """All images (uint8 (n, H, W, C)) as one grid PNG, if a grid file was asked for."""
         if self.grid_file is None:
             return
         try:
-            images.save_png(images.grid(pictures), self.grid_file)
+            images.save_png(images.grid([images.to_pil(p) for p in pixels]), self.grid_file)
         except OSError as e:
             raise UsageError(f"cannot write {self.grid_file}: {e.strerror or e}") from None
 

@@ -8,8 +8,37 @@ compare the two on identical noise.
 
 from __future__ import annotations
 
+import random
+import sys
+import types
+
 import numpy as np
 
+
+def _import_numpy_random() -> None:
+    """Import numpy.random without OpenSSL. Its bit_generator imports one function from
+    `secrets`, randbits (fresh entropy, which keyed draws never use), and `secrets` imports
+    hmac, hashlib and OpenSSL's libcrypto: 3.8 MB of RSS, measured (benchmarks/memory.py).
+    While numpy.random is imported, `secrets` is a stand-in holding that one function, the
+    same `SystemRandom().getrandbits` that `secrets.randbits` is; it is removed at once, so a
+    later `import secrets` gets the real module. Nothing changes when numpy.random or secrets
+    is loaded already, or when a numpy wants more of `secrets` (then it is imported plainly)."""
+    if "numpy.random" in sys.modules or "secrets" in sys.modules:
+        return
+    stand_in = types.ModuleType("secrets")
+    stand_in.randbits = random.SystemRandom().getrandbits      # type: ignore[attr-defined]
+    sys.modules["secrets"] = stand_in
+    try:
+        import numpy.random  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        if sys.modules.get("secrets") is stand_in:
+            del sys.modules["secrets"]
+    import numpy.random  # noqa: F401,F811
+
+
+_import_numpy_random()
 _INITIAL, _NEIGHBOURS, _QUERY, _STEP = range(4)
 
 

@@ -2,6 +2,7 @@
 silently, normal permissions, grids padded with the model's own background, finished groups
 kept on interrupt, and progress counted in images. On the shipped bundles: no training needed."""
 
+import io
 import json
 import os
 import re
@@ -77,6 +78,30 @@ def test_pngs_get_the_permissions_the_umask_gives(tmp_path, umask):
         os.umask(old)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["a.png"]                    # no temp file left
+
+
+@pytest.mark.parametrize("shape", [(28, 28), (28, 28, 1), (5, 9, 2), (64, 64, 3), (7, 3, 4), (1, 1, 3)])
+def test_pngs_decode_to_the_same_pixels_in_pillow(shape):
+    """generate writes PNGs with its own zlib encoder (no Pillow): Pillow must read back exactly
+    the pixels, on noise (every filter wins somewhere) and on smooth ramps."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    noise = rng.integers(0, 256, shape, dtype=np.uint8)
+    ramp = (np.indices(shape).sum(0) * 37 % 256).astype(np.uint8)
+    for pixels in (noise, ramp):
+        with Image.open(io.BytesIO(images.png_bytes(pixels))) as im:
+            assert im.format == "PNG"
+            back = np.asarray(im)
+        assert np.array_equal(back.reshape(shape), pixels)
+
+
+def test_generated_pngs_hold_the_generated_pixels(tmp_path):
+    with Generator.open("twemoji", threads=1) as gen:             # RGB
+        pixels = gen.generate(2, as_array=True)
+    writer = ImageWriter(tmp_path, seed=0)
+    writer.check(2, overwrite=False)
+    writer.write_group(0, pixels)
+    for path, expected in zip(writer.written, pixels):
+        assert np.array_equal(np.asarray(Image.open(path)), expected)
 
 
 def test_an_incomplete_grid_is_padded_with_the_images_background():
