@@ -36,7 +36,8 @@ from .onnx_guard import check_self_contained
 # `rissole-edge bench` on a shared 2-core x86_64 machine (benchmarks/results/threads.md: 2 workers
 # gained 1.03-1.44x at 1.6 ms each, lost 0.87x at 0.4 ms each).
 MIN_WORK_PER_WORKER_MS = 1.0
-PROBE_ROWS = 8               # rows of the call timed at open
+PROBE_ROWS = 8               # rows of the calls timed at open
+PROBE_CALLS = 5              # their least time counts (one call's CPU time varied 0.55-0.89 ms at load 4.5)
 Item = TypeVar("Item")
 
 
@@ -95,17 +96,24 @@ def dummy_feeds(spec: Spec, rows: int, inputs: set[str]) -> dict[str, np.ndarray
 
 
 def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float:
-    """Milliseconds of one thread per denoiser row on this machine: the faster of two calls
-    of PROBE_ROWS rows, after one that warms the session up."""
+    """Milliseconds of one thread's work per denoiser row on this machine: the least of
+    PROBE_CALLS calls of PROBE_ROWS rows (about 0.6 ms each for fashion), after one that warms
+    the session up. Timed in CPU time of the
+    calling thread (the single-threaded session runs every kernel there), not wall time: on a
+    busy machine the scheduler gives a process a share of a core (measured: 12.6-12.9 ms of CPU
+    for a 256-row fashion call that took 24-25 ms of wall time at load 4.3), which would make
+    the work look twice as big and the plan take a second worker for calls too small to pay.
+    Wall time where the thread clock is coarse (Windows counts it in 15.6 ms ticks)."""
+    clock = time.thread_time if time.get_clock_info("thread_time").resolution < 1e-4 else time.perf_counter
     feeds = dummy_feeds(spec, PROBE_ROWS, inputs)
     times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    for _ in range(1 + PROBE_CALLS):
+        t0 = clock()
         try:
             denoiser.run(["eps"], feeds)
         except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
             raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times[1:]) * 1e3 / PROBE_ROWS
 
 
