@@ -396,6 +396,7 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
         log(f"quantizing the student to int8 for {target} on {len(feeds)} batches")
         model, info = quantize.quantize(fp32, feeds, target, keep_edges=True)
         model, manifest["graph"] = graph.optimize(model)
+        manifest["graph"]["decoder_rewrites"] = teacher.manifest.get("graph", {}).get("decoder_rewrites", [])
         quant.update({k: v for k, v in info.items() if k != "fp32_nodes"}, denoiser_fp32_nodes=info["fp32_nodes"])
         int8_bundle = Bundle.in_memory({**manifest, "quantization": quant}, {**members, "denoiser.onnx": model})
         with Generator.open(fp32_bundle, threads=1) as g32, Generator.open(int8_bundle, threads=1) as g8:

@@ -177,6 +177,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target, keep_edges=True)
         final["denoiser.onnx"], manifest["graph"] = graph.optimize(final["denoiser.onnx"])   # bit-identical
         final["decoder.onnx"], _ = quantize.quantize(nets["decoder.onnx"], latent_feeds, target)
+        final["decoder.onnx"], manifest["graph"]["decoder_rewrites"] = graph.optimize_decoder(final["decoder.onnx"])
         quant_info = {"mode": "int8", **{k: v for k, v in info.items() if k != "fp32_nodes"},
                       "denoiser_fp32_nodes": info["fp32_nodes"], "models": ["denoiser.onnx", "decoder.onnx"],
                       "fp32_models": ["encoder.onnx"]}

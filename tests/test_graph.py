@@ -1,4 +1,4 @@
-"""export/graph.py: true MAC counts, and denoiser rewrites that keep every output bit.
+"""export/graph.py: true MAC counts, and denoiser and decoder rewrites that keep every output bit.
 
 The rewrites are only worth shipping if they are exact, so every test here compares outputs
 with np.array_equal (no tolerance), on random calls and on whole generated images through the
@@ -132,7 +132,7 @@ def test_shipped_geometry_counts_8_43_m_macs_like_the_torch_module() -> None:
     assert sum(n.output[0] in known for n in convs) < len(convs) / 2
 
 
-@pytest.mark.parametrize("names", [[name] for name in graph.REWRITES] + [list(graph.DEFAULT_REWRITES)])
+@pytest.mark.parametrize("names", [[name] for name in graph.DEFAULT_REWRITES] + [list(graph.DEFAULT_REWRITES)])
 def test_rewrites_are_bit_identical(tiny: UNet, tiny_int8: bytes, names: list[str]) -> None:
     rewritten = graph.rewrite(tiny_int8, names)
     assert rewritten != tiny_int8                                  # it did rewrite something
@@ -183,6 +183,33 @@ def test_static_reshapes_leave_graphs_with_free_spatial_axes_alone(tiny_int8: by
     assert graph.static_reshapes(tiny_int8, graph.value_shapes(tiny_int8)) != tiny_int8
 
 
+def test_decoder_rewrites_are_bit_identical_and_do_what_they_say() -> None:
+    """An int8 decoder of random weights (RGB, 16x16 latent, as twemoji's): the codebook
+    lookup's computed reshape targets and every GroupNorm's become constants (no Shape kernel
+    is left), the 3-channel output conv gets 16 filters and a Slice, and no output bit moves."""
+    from rissole_export.autoencoder import VQAutoencoder
+    from rissole_export.config import AutoencoderConfig
+
+    torch.manual_seed(0)
+    ae = VQAutoencoder(3, AutoencoderConfig(channels=8, channel_mult=(1, 2), latent_channels=4, codebook_size=32))
+    rng = np.random.default_rng(0)
+    feeds = [{"latent": rng.standard_normal((4, 4, 16, 16)).astype(np.float32)} for _ in range(3)]
+    decoder, _ = quantize.quantize(onnx_export.decoder(ae.eval(), 1.0, 16), feeds, "x86")
+    rewritten, applied = graph.optimize_decoder(decoder)
+    assert applied == list(graph.DECODER_REWRITES)
+    for batch in (1, 5, 16):
+        assert graph.same_outputs(decoder, rewritten, {"latent": rng.standard_normal((batch, 4, 16, 16)).astype(np.float32)})
+    proto = onnx.load_from_string(rewritten)
+    ops = [n.op_type for n in proto.graph.node]
+    assert "Shape" in [n.op_type for n in onnx.load_from_string(decoder).graph.node] and "Shape" not in ops
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    out_channels = [inits[producer[n.input[1]].input[0]].shape[0] for n in proto.graph.node if n.op_type == "Conv"]
+    assert min(out_channels) == 8 and out_channels[-1] == 16 and ops.count("Slice") == 1
+    assert graph.optimize_decoder(rewritten)[0] == rewritten                   # a second pass changes nothing
+    onnx.checker.check_model(proto, full_check=True)
+
+
 def test_a_wrong_rewrite_is_caught(tiny: UNet, tiny_int8: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     """The identity check can fail: one weight tap moved in the GEMM matrix changes outputs,
     and optimize() leaves such a rewrite out."""
@@ -225,5 +252,6 @@ def test_rewrite_bundle_keeps_the_manifest_and_the_images(tmp_path: Path) -> Non
         {k: v for k, v in before.items() if k not in ("graph", "members", "format_version")}
     assert manifest["graph"]["denoiser_macs_per_block"] == 8_432_640
     assert manifest["graph"]["denoiser_rewrites"] == list(graph.DEFAULT_REWRITES)
+    assert manifest["graph"]["decoder_rewrites"] == list(graph.DECODER_REWRITES)
     with Generator.open(source, threads=1) as a, Generator.open(out, threads=1) as b:
         assert np.array_equal(a.generate(3, seed=2, steps=3, as_array=True), b.generate(3, seed=2, steps=3, as_array=True))
