@@ -213,18 +213,18 @@ class Generator:
         like_key = like_codes = None
         if query.like is not None:
             like_key, like_codes = self._encode_query(query.like)
-        out = np.empty((n, spec.positions, spec.k * spec.latent_channels, spec.block_side, spec.block_side),
-                       np.float32)
-        for row, i in enumerate(ids):
+        found = []
+        for i in ids:
             if like_key is not None:
-                found = self.db.neighbours(like_key, like_codes, rng.neighbour_rng(seed, i), label)
+                found.append(self.db.neighbours(like_key, like_codes, rng.neighbour_rng(seed, i), label))
             else:
                 entry = query.entry if query.entry is not None else \
                     self.db.random_entry(rng.query_rng(seed, i), label)
-                found = self.db.entry_neighbours(entry, rng.neighbour_rng(seed, i), label)
-            nb = self.db.blocks(found)                                 # (k, P, C, s, s)
-            out[row] = nb.transpose(1, 0, 2, 3, 4).reshape(spec.positions, -1, spec.block_side, spec.block_side)
-        return out
+                found.append(self.db.entry_neighbours(entry, rng.neighbour_rng(seed, i), label))
+        nb = self.db.blocks(np.concatenate(found))                     # (n*k, P, C, s, s), in one gather
+        s = spec.block_side
+        return nb.reshape(n, spec.k, spec.positions, -1, s, s).transpose(0, 2, 1, 3, 4, 5).reshape(
+            n, spec.positions, -1, s, s)
 
     def encoder_session(self) -> ort.InferenceSession:
         """The bundle's encoder (image -> latent snapped to codes, codes), opened on first use:
