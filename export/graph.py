@@ -516,7 +516,7 @@ def rewrite_bundle(source: Path, out: Path, names: tuple[str, ...] | list[str] =
     members["decoder.onnx"], decoder_applied = optimize_decoder(members["decoder.onnx"], decoder_names)
     if previous:       # a second pass: the layer count is the first pass's (the layers are gone)
         record["denoiser_macs_per_block"] = previous["denoiser_macs_per_block"]
-        record["denoiser_rewrites"] = list(dict.fromkeys(previous["denoiser_rewrites"] + list(names)))
+        record["denoiser_rewrites"] = list(dict.fromkeys(previous["denoiser_rewrites"] + record["denoiser_rewrites"]))
     record["decoder_rewrites"] = list(dict.fromkeys(previous.get("decoder_rewrites", []) + decoder_applied))
     manifest["graph"] = record
     pack.write(Path(out), manifest, members, signing_key)
