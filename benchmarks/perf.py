@@ -264,6 +264,7 @@ def main() -> int:
 
     steps = 5 if args.quick else 50
     bundle = str(args.bundle)
+    load_at_start = os.getloadavg()
 
     def ours_child(**cfg) -> dict:
         return run_child({"bundle": bundle, "threads": None, "steps": steps, "images": BATCH, **cfg})
@@ -271,6 +272,10 @@ def main() -> int:
     sweep = [{"budget_mb": b, **ours_child(budget=b * 2 ** 20)}
              for b in ([low, low + 16] if args.quick else [low, low + 8, low + 32, low + 128])]
     threads = [{"threads": t or "default", **ours_child(threads=t)} for t in (1, 2, None)]
+    # The thread options against each other in one process, interleaved round by round (each
+    # row above is its own process, run minutes apart on a machine whose load moves).
+    plans = run_child({"bundle": bundle, "plans": True, "steps": steps, "rounds": 2 if args.quick else 7,
+                       "sizes": [1, BATCH] if args.quick else [1, BATCH, 64], "rows": [CALL_BLOCKS]})
     step_sweep = [{"steps": s, **ours_child(steps=s)} for s in ([5] if args.quick else [10, 25, 50, 100])]
     spec = _spec(bundle)
     recommended = {"sampler": spec.sampler, "steps": spec.steps, **ours_child(steps=None)}
@@ -280,7 +285,8 @@ def main() -> int:
     cores = os.cpu_count() or 1
     limit = {**spawn("denoiser_gops", bundle=bundle, threads=1),
              "ceiling_1_core": spawn("ort_ceiling", threads=1), "ceiling_all_cores": spawn("ort_ceiling", threads=cores)}
-    ours_ms = _ms_per_image(ours)
+    by_plan = plans.get("generate_ms_per_image", {}).get(f"n={BATCH} ({BATCH * _spec(bundle).positions} blocks)")
+    ours_ms = by_plan["median"]["default"] if by_plan else _ms_per_image(ours)
     ratios: dict = {}
     for name, by_threads in peers.items():
         times = [v["per_image_s"] * 1e3 for v in by_threads.values() if "per_image_s" in v]
@@ -290,9 +296,15 @@ def main() -> int:
         ratios["gops_share_of_int8_peak_1_core"] = limit["gops_1_thread"] / int8_1
         ratios["gops_share_of_int8_peak_all_cores"] = limit["gops_all_cores"] / int8_all
     ran = [r for r in sweep if "peak_rss_mb" in r]
+    if "calls_ms" in plans:
+        ratios["two_workers_vs_one_thread_at_256_blocks"] = \
+            plans["calls_ms"][f"{CALL_BLOCKS} rows"]["speedup_over_1_thread"]["2 workers on halves"]
+        ratios["default_plan_fastest_at_every_size"] = all(
+            row.get("default_is_fastest", False) for row in plans["generate_ms_per_image"].values())
     ratios["budget_honoured_where_it_ran"] = all(r["peak_rss_mb"] <= r["budget_mb"] for r in ran)
     ratios["budget_rows_refused"] = len(sweep) - len(ran)
     result = {"steps": steps, "images_per_call": BATCH, "cpu_count": cores, "ours": ours, "threads": threads,
+              "plans": plans, "load_average_at_start": load_at_start,
               "sweep": sweep, "steps_sweep": step_sweep, "recommended": recommended, "peers": peers, "limit": limit,
               "ratios": ratios, "command": "python benchmarks/perf.py " + " ".join(sys.argv[1:]),
               "load_average_at_end": os.getloadavg()}
@@ -323,21 +335,46 @@ def _warm_ms(r: dict) -> float | None:
     return r["warm_image_s"] * 1e3 if "warm_image_s" in r else None
 
 
+def _thread_lines(plans: dict) -> list[str]:
+    """The interleaved thread-plan comparison as tables (bench's `_plans` child)."""
+    if "generate_ms_per_image" not in plans:
+        return [f"The thread-plan comparison failed: {plans.get('error')}"]
+    lines = ["| images per call | 1 thread | 2 threads | default plan | the default ran as | default vs the plan it did not choose |",
+             "|---|---|---|---|---|---|"]
+    for size, row in plans["generate_ms_per_image"].items():
+        m, x = row["median"], row["speedup_over_1_thread"]
+        lines.append(f"| {size} | {m['1 thread']:.1f} | {m['2 threads']:.1f} ({x['2 threads']:.2f}x) | "
+                     f"{m['default']:.1f} ({x['default']:.2f}x) | {row.get('default_is', '-')} "
+                     f"(workers per round: {row['default_workers']}) | {_fmt(row.get('default_vs_the_other_plan'), '.2f')}x |")
+    lines += ["", "| one denoiser call | 1 thread | 2 intra-op threads | 2 workers on halves (one session) |",
+              "|---|---|---|---|"]
+    for size, row in plans["calls_ms"].items():
+        m, x = row["median"], row["speedup_over_1_thread"]
+        lines.append(f"| {size} | {m['1 thread']:.2f} ms | {m['2 intra-op threads']:.2f} ms "
+                     f"({x['2 intra-op threads']:.2f}x) | {m['2 workers on halves']:.2f} ms ({x['2 workers on halves']:.2f}x) |")
+    return lines
+
+
 def _write_md(r: dict) -> None:
     ours, peers, limit, ratios = r["ours"], r["peers"], r["limit"], r["ratios"]
+    by_plan = next((row["median"] for size, row in r["plans"].get("generate_ms_per_image", {}).items()
+                    if size.startswith(f"n={r['images_per_call']} ")), None)
+    ms = [by_plan[k] for k in ("1 thread", "2 threads", "default")] if by_plan else \
+        [_ms_per_image(x) for x in r["threads"]]
+    load = f"load average {r['load_average_at_start'][0]:.1f} at the start, {r['load_average_at_end'][0]:.1f} at the end"
     lines = [f"# Performance ({r['steps']} sampling steps, batches of {r['images_per_call']} images)", "",
              f"Made by `{r['command']}` on a shared {r['cpu_count']}-core x86_64 machine that other work was using "
-             f"(load average {r['load_average_at_end'][0]:.1f} at the end): compare ratios from this one run, not "
-             "milliseconds across runs. Every row is its own process. The peers are built from the bundle's recipe "
+             f"({load}): compare ratios from this one run, not milliseconds across runs. The runtime's three thread "
+             "options were timed in one process, interleaved round by round (medians); every other row is its own "
+             "process. The peers are built from the bundle's recipe "
              "config with untrained weights (speed does not depend on weight values; the training runs are not kept); "
              "each ran at 1 and 2 threads and its faster figure is compared. The peers sample with DDIM; the runtime with "
              f"the bundle's recommended sampler ({r['recommended'].get('sampler')}) at the same step count: one denoiser "
              "call per step either way.", "",
              "| contender | ms per image, 1 thread | ms per image, 2 threads | peak RSS MB (ours: default plan; peers: 2 threads) | "
              "ours is faster by |", "|---|---|---|---|---|",
-             f"| **rissole-edge runtime** (int8 bundle, default thread plan: {_fmt(_ms_per_image(ours))} ms) | "
-             f"{_fmt(_ms_per_image(r['threads'][0]))} | {_fmt(_ms_per_image(r['threads'][1]))} | "
-             f"{_fmt(ours.get('peak_rss_mb'))} | |"]
+             f"| **rissole-edge runtime** (int8 bundle, default thread plan: {_fmt(ms[2])} ms) | "
+             f"{_fmt(ms[0])} | {_fmt(ms[1])} | {_fmt(ours.get('peak_rss_mb'))} | |"]
     labels = {"torch_eager": "(a) same model, fp32, PyTorch eager", "whole_torch": "(b) whole-latent LDM, PyTorch",
               "whole_ort": "(b) whole-latent LDM, onnxruntime fp32", "diffusers": "(c) diffusers UNet2DModel + DDIM"}
     for k, v in peers.items():
@@ -346,6 +383,8 @@ def _write_md(r: dict) -> None:
         lines.append(f"| {labels[k]} | {_fmt(ms[0])} | {_fmt(ms[1])} | {_fmt(v['2'].get('peak_rss_mb'))} | "
                      f"{_fmt(ratios.get(f'speedup_vs_{k}'), '.2f')}x {err} |")
     rec = r["recommended"]
+    lines += ["", "## Threads", "", "ms per image (speed-up over 1 thread), one process, interleaved rounds:", "",
+              *_thread_lines(r["plans"])]
     lines += ["", f"The whole pipeline at the bundle's recommended sampler and steps ({rec['sampler']}, {rec['steps']} "
               "steps): "
               f"{_fmt(_ms_per_image(rec))} ms per image batched, {_fmt(_warm_ms(rec))} ms one "

@@ -86,6 +86,7 @@ class Generator:
         if spec.k and "cond" not in self._denoiser_inputs:
             raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
         self._row_ms = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
+        self.last_workers = 1          # worker threads the last group's denoising took (bench reports it)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
         self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
@@ -182,6 +183,7 @@ class Generator:
             for ids in groups:
                 cond = self._conditions(ids, seed, query)
                 latents, threads = self._denoise(ids, seed, steps, sampler_name, cond, guidance, preview)
+                self.last_workers = threads
                 start = ids[0] - first_index
                 pixels[start:start + len(ids)] = self._decode(latents, threads)
                 if on_group is not None:
