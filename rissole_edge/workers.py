@@ -76,6 +76,10 @@ def session(bundle: Bundle, member: str) -> ort.InferenceSession:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # onnxruntime's memory patterns keep one planned block per input shape for good: off, a
+    # default generate -n 1000 peaked 1.2-1.5 MB lower and ran no slower (0.95x, interleaved;
+    # benchmarks/results/memory.md). Its arena stays on: without it the peak rose by 4 MB.
+    options.enable_mem_pattern = False
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
