@@ -308,14 +308,17 @@ class Generator:
         return out, plan.workers
 
     def _decode(self, latents: np.ndarray, threads: int = 1) -> np.ndarray:
-        """(n, P, C, s, s) blocks -> uint8 images, on up to `threads` threads that share the
-        `plan.images_per_decode` images in flight (the memory plan's bound). The denoiser's
-        thread plan passes its thread count: at 4 steps the decoder is a fifth of the work, and
-        on one thread it would leave the second core idle."""
+        """(n, P, C, s, s) blocks -> uint8 images, on up to `threads` threads (the denoiser's
+        thread plan passes its own count: at 4 steps the decoder is a fifth of the work, and on
+        one thread it would leave the second core idle). Under a memory budget the threads share
+        the plan's `images_per_decode` images in flight; without one, each thread may hold that
+        many (the denoiser's rows, freed by then, held far more)."""
         whole = blocks.join(latents, self.spec.blocks_per_side)
         out = np.empty((len(whole), self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
-        threads = max(1, min(threads, len(whole), self.plan.images_per_decode))
-        size = max(1, min(self.plan.images_per_decode // threads, -(-len(whole) // threads)))
+        per_call = self.plan.images_per_decode
+        in_flight = per_call if self.plan.budget is not None else per_call * threads
+        threads = max(1, min(threads, len(whole), in_flight))
+        size = max(1, min(in_flight // threads, per_call, -(-len(whole) // threads)))
 
         def decode(start: int) -> None:
             z = np.ascontiguousarray(whole[start:start + size])
