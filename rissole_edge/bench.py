@@ -33,7 +33,8 @@ def _child(cfg: dict) -> dict:
     out: dict = {"config": cfg}
     gen = Generator.open(cfg["bundle"], memory_budget=cfg.get("budget"), threads=cfg["threads"])
     opened = time.perf_counter()
-    gen.generate(1, seed=0, steps=cfg["steps"], as_array=True)
+    settings = {"steps": cfg["steps"], "sampler_name": cfg.get("sampler"), "as_array": True}  # no "sampler": the bundle's
+    gen.generate(1, seed=0, **settings)
     first = time.perf_counter()
     out.update(import_s=imported - START, open_s=opened - imported, first_image_s=first - opened,
                cold_s=first - START, plan=gen.plan.describe())
@@ -42,11 +43,11 @@ def _child(cfg: dict) -> dict:
     cpu0 = time.process_time()
     for i in range(n):
         t0 = time.perf_counter()
-        gen.generate(1, seed=1, first_index=i, steps=cfg["steps"], as_array=True)
+        gen.generate(1, seed=1, first_index=i, **settings)
         times.append(time.perf_counter() - t0)
     out["warm_image_s"] = float(np.median(times))
     out["warm_image_cpu_s"] = (time.process_time() - cpu0) / n    # all threads
-    batched = median_seconds(lambda: gen.generate(n, seed=2, steps=cfg["steps"], as_array=True), 3, warmup=0)
+    batched = median_seconds(lambda: gen.generate(n, seed=2, **settings), 3, warmup=0)
     out["batched_images_per_s"] = n / batched
     gen.close()
     out["peak_rss_mb"] = budget.rss()[1] / 2 ** 20
