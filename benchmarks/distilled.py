@@ -9,9 +9,10 @@ for the teacher at the student's step count as the baseline that distillation mu
 - detail: high-frequency energy of the generated images relative to real test images (blur
   lowers it; FD can reward blur, this cannot);
 - distance to the teacher's many-step images of the same seeds (pixel RMSE, 256 images);
-- ms per image, measured in fresh processes (bench's child, the bundle's recommended sampler
-  at the given steps: the same denoiser calls as DDIM), rounds interleaved, so that a shared
-  machine slows both alike; the speed-up is the ratio within this run.
+- ms per image, measured in fresh processes (bench's child: batches of 8 on 2 threads, DDIM),
+  rounds interleaved, so that a shared machine slows both alike; the speed-up is the ratio
+  within this run, and the JSON keeps the load average before and after. `--rows ''` times
+  the rows an existing --out holds without measuring their quality again.
 Images are DDIM throughout (evaluate pins it), seed 0.
 """
 
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from rissole_export import data, evaluate
 from rissole_export.config import DataConfig
 
 DISTANCE_IMAGES = 256
+TIMED_IMAGES = 8           # images per timed batch
 HIGH_FREQUENCY = 0.25      # cycles per pixel: the outer band of the spectrum (Nyquist is 0.5)
 
 
@@ -51,7 +55,9 @@ def _generate(bundle: Path, n: int, steps: int) -> np.ndarray:
 
 
 def _ms_per_image(bundle: Path, steps: int) -> float:
-    return 1e3 / run_child({"bundle": str(bundle), "threads": 2, "steps": steps, "images": 8})["batched_images_per_s"]
+    """Batches of TIMED_IMAGES on 2 threads in a fresh process (bench's child), DDIM."""
+    cfg = {"bundle": str(bundle), "threads": 2, "steps": steps, "sampler": "ddim", "images": TIMED_IMAGES}
+    return 1e3 / run_child(cfg)["batched_images_per_s"]
 
 
 def main() -> None:
@@ -62,13 +68,31 @@ def main() -> None:
     parser.add_argument("--teacher-steps", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (0: no timing)")
     parser.add_argument("--rows", default="teacher,student,teacher_at_student_steps",
-                        help="rows to measure now; the others are kept from --out (so rows can be run apart)")
+                        help="rows to measure now; the others are kept from --out (so rows can be run apart; "
+                             "'' times the rows the file holds)")
     parser.add_argument("-o", "--out", type=Path)
     args = parser.parse_args()
     steps = Bundle.open(args.student).manifest["sampling"]["distilled_steps"]
     rows = {"teacher": (args.teacher, args.teacher_steps), "student": (args.student, steps),
             "teacher_at_student_steps": (args.teacher, steps)}
-    wanted = args.rows.split(",")
+    result: dict = {"n": args.n, "student_steps": steps, "teacher_steps": args.teacher_steps, "rows": {}}
+    wanted = [row for row in args.rows.split(",") if row]
+    if args.out and args.out.exists():
+        kept = json.loads(args.out.read_text())
+        result["rows"] = kept["rows"]
+        if not wanted:           # timing only: the quality figures, and their N, are the file's
+            result.update({k: kept[k] for k in ("n", "reference_images") if k in kept})
+    if wanted:
+        _measure_quality(args, {row: rows[row] for row in wanted}, result)
+    if args.rounds == 0 or not {"teacher", "student"} <= set(result["rows"]):
+        return
+    _measure_time(args.rounds, rows, result)
+    print(json.dumps(result, indent=2))
+    _save(result, args.out)
+
+
+def _measure_quality(args: argparse.Namespace, rows: dict[str, tuple[Path, int]], result: dict) -> None:
+    """FD, KID, seams, labels, detail and distance to the teacher of each row, saved as each ends."""
     manifest = Bundle.open(args.teacher).manifest
     image = manifest["image"]
     name = manifest["dataset"]["name"]
@@ -76,12 +100,8 @@ def main() -> None:
                                       background=image.get("background", "#ffffff"))).test[:args.n]
     real_hf = high_frequency_energy(real)
     reference = _generate(args.teacher, DISTANCE_IMAGES, args.teacher_steps).astype(np.float64)
-    result: dict = {"n": args.n, "reference_images": len(real), "student_steps": steps,
-                    "teacher_steps": args.teacher_steps, "rows": {}}
-    if args.out and args.out.exists():
-        result["rows"] = json.loads(args.out.read_text())["rows"]
-    for row in wanted:
-        path, s = rows[row]
+    result["reference_images"] = len(real)
+    for row, (path, s) in rows.items():
         images = _generate(path, args.n, s)
         metrics = evaluate.evaluate(path, args.n, steps=s, log=lambda msg: None)
         result["rows"][row] = {
@@ -92,15 +112,23 @@ def main() -> None:
             "distance_to_teacher": float(np.sqrt(((images[:DISTANCE_IMAGES] - reference) ** 2).mean())),
         }
         _save(result, args.out)
-    if args.rounds == 0 or not {"teacher", "student"} <= set(result["rows"]):
-        return
+
+
+def _measure_time(rounds: int, rows: dict[str, tuple[Path, int]], result: dict) -> None:
+    """ms per image of the teacher and the student, interleaved rounds; the targets."""
     times: dict[str, list[float]] = {"teacher": [], "student": []}
-    for _ in range(args.rounds):
+    load = [os.getloadavg()[0]]
+    for _ in range(rounds):
         for row in times:
             times[row].append(_ms_per_image(*rows[row]))
+    load.append(os.getloadavg()[0])
     for row, values in times.items():
         result["rows"][row]["ms_per_image"] = statistics.median(values)
         result["rows"][row]["ms_per_image_rounds"] = values
+    result["timing"] = {"rounds": rounds, "images_per_batch": TIMED_IMAGES, "threads": 2, "sampler": "ddim",
+                        "speedup_per_round": [a / b for a, b in zip(times["teacher"], times["student"])],
+                        "load_average_1min_before_after": load,
+                        "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     t, s = result["rows"]["teacher"], result["rows"]["student"]
     result["targets"] = {
         "fd_within_10pct": s["fd"] <= 1.10 * t["fd"],
@@ -109,8 +137,6 @@ def main() -> None:
         else abs(s["label_accuracy"] - t["label_accuracy"]) <= 0.02,
         "speedup": t["ms_per_image"] / s["ms_per_image"],
     }
-    print(json.dumps(result, indent=2))
-    _save(result, args.out)
 
 
 def _save(result: dict, out: Path | None) -> None:
