@@ -242,28 +242,6 @@ def expand_embedding_adds(model: bytes, shapes: Shapes, max_positions: int = 16)
     return g.finish()
 
 
-def quantize_before_resize(model: bytes, shapes: Shapes) -> bytes:
-    """A nearest-neighbour Resize whose only reader is a QuantizeLinear (the upsampling before
-    an int8 conv) resizes the quantized map instead: nearest copies values and quantizing is
-    per element, so Q(Resize(x)) and Resize(Q(x)) are the same bytes, and the Resize then moves
-    a quarter of the bytes and the QuantizeLinear a quarter of the elements."""
-    g = _Graph(onnx.load_from_string(model))
-    for resize in [n for n in g.graph.node if n.op_type == "Resize"]:
-        users = g.consumers.get(resize.output[0], [])
-        if _attr(resize, "mode", b"nearest") not in (b"nearest", "nearest") or len(users) != 1 \
-                or users[0].op_type != "QuantizeLinear" or resize.output[0] in {o.name for o in g.graph.output}:
-            continue
-        q = users[0]
-        small = g.fresh(f"{resize.name.strip('/').replace('/', '_')}_q")
-        g.graph.node.extend([helper.make_node("QuantizeLinear", [resize.input[0], *q.input[1:]], [small], name=q.name,
-                                              **{a.name: helper.get_attribute_value(a) for a in q.attribute}),
-                             helper.make_node("Resize", [small, *resize.input[1:]], list(q.output), name=resize.name,
-                                              **{a.name: helper.get_attribute_value(a) for a in resize.attribute})])
-        g.graph.node.remove(resize)
-        g.graph.node.remove(q)
-    return g.finish()
-
-
 def _dense_conv_matrix(w: np.ndarray, in_hw: tuple[int, int], out_hw: tuple[int, int],
                        strides: list[int], pads: list[int]) -> np.ndarray:
     """The (co*OH*OW, ci*H*W) matrix of a convolution on a fixed small map: row
@@ -438,13 +416,11 @@ REWRITES: dict[str, Rewrite] = {
     "convs-as-gemm": convs_as_gemm,
     "static-reshapes": static_reshapes,
     "expand-embedding-adds": expand_embedding_adds,
-    "quantize-before-resize": quantize_before_resize,
     "widen-narrow-convs": widen_narrow_convs,
 }
-DEFAULT_REWRITES = ("expand-broadcasts", "convs-as-gemm", "static-reshapes", "expand-embedding-adds",
-                    "quantize-before-resize")
-# The decoder's (16x16 and 32x32 maps: the small-map rewrites do not apply; quantize-before-resize
-# measured 1.04x its time, expand-broadcasts 1.01x).
+DEFAULT_REWRITES = ("expand-broadcasts", "convs-as-gemm", "static-reshapes", "expand-embedding-adds")
+# The decoder's (16x16 and 32x32 maps: the small-map rewrites do not apply; expand-broadcasts
+# measured 1.01x its time).
 DECODER_REWRITES = ("static-reshapes", "widen-narrow-convs")
 
 
