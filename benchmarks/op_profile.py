@@ -4,7 +4,9 @@
                                     [--blocks 256] [--rounds 15] [--markdown benchmarks/results/profile.md]
 
 --git-rev takes the shipped bundles as committed at REV (e.g. 3055a17, before the shipped
-bundles were rewritten), so that the "before" tables can be made again at any time.
+bundles were rewritten), so that the "before" tables can be made again at any time (the
+twemoji.rissole of 3055a17 is today's twemoji-teacher: the same denoiser geometry as the
+4-step twemoji student shipped now).
 
 For each bundle's denoiser: the graph as shipped, each rewrite of export/graph.py on its own,
 and all of the default rewrites together. Each variant gets onnxruntime's profiler (one
@@ -94,16 +96,19 @@ def op_shares(model: bytes, feeds: dict) -> dict:
 
 
 def call_times(models: dict[str, bytes], feeds: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each variant, interleaved round by round."""
+    """Median seconds per call of each variant, interleaved round by round, in CPU time of
+    the calling thread (the sessions are single-threaded: every kernel runs there). On the
+    busy shared machine wall time also counts the time the scheduler gave other processes,
+    which moved single-rewrite ratios by 5-10% between runs minutes apart."""
     sessions = {k: _session(m) for k, m in models.items()}
     for s in sessions.values():
         s.run(None, feeds)
     times: dict[str, list[float]] = {k: [] for k in models}
     for _ in range(rounds):
         for k, s in sessions.items():
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             s.run(None, feeds)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(time.thread_time() - t0)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
@@ -115,9 +120,16 @@ def profile_bundle(path: Path, blocks: int, rounds: int) -> dict:
     variants = {"as shipped": shipped}
     variants.update({name: graph.REWRITES[name](shipped, shapes) for name in graph.DEFAULT_REWRITES})
     variants["all default rewrites"] = graph.rewrite(shipped)
+    # Each rewrite's worth on top of the others: every default rewrite but that one (timed
+    # only; the share tables keep to the variants above).
+    without = {f"all but {name}": graph.rewrite(shipped, [n for n in graph.DEFAULT_REWRITES if n != name])
+               for name in graph.DEFAULT_REWRITES}
     feeds = _feeds(spec, blocks, {i.name for i in _session(shipped).get_inputs()})
     reference = _session(shipped).run(None, feeds)[0]
-    times = call_times(variants, feeds, rounds)
+    times = call_times({**variants, **without}, feeds, rounds)
+    everything = times["all default rewrites"]
+    leave_one_out = {name: {"call_ms": times[name] * 1e3, "ratio_to_all": everything / times[name]}
+                     for name in without}
     out = {}
     for name, model in variants.items():
         same = np.array_equal(reference, _session(model).run(None, feeds)[0])
@@ -127,24 +139,29 @@ def profile_bundle(path: Path, blocks: int, rounds: int) -> dict:
     return {"bundle": path.name, "rewrites_already_applied": record.get("denoiser_rewrites", []),
             "blocks_per_call": blocks,
             "macs_per_block": record.get("denoiser_macs_per_block") or sum(graph.node_macs(shipped, shapes).values()),
-            "variants": out}
+            "variants": out, "leave_one_out": leave_one_out}
 
 
-def markdown(results: list[dict], command: str) -> str:
+def markdown(results: list[dict], command: str, load: tuple[float, float]) -> str:
     lines = ["# Where a denoiser call spends its time", "",
              f"Made by `{command}` (prints JSON); one intra-op thread, calls of "
-             f"{results[0]['blocks_per_call']} blocks; call times are medians of interleaved rounds on a "
-             "shared 2-core machine (other work was running: compare the ratios, not the milliseconds). "
+             f"{results[0]['blocks_per_call']} blocks; call times are medians of interleaved rounds, in CPU time of the "
+             "calling thread, on a "
+             f"shared 2-core machine (other work was running, load average {load[0]:.1f} at the start and "
+             f"{load[1]:.1f} at the end: compare the ratios, not the milliseconds). "
              "Shares are of onnxruntime's profiled kernel time (each kernel's median over "
              f"{PROFILED_CALLS} calls). Every rewrite is bit-identical (checked here and in tests/test_graph.py).", ""]
     for r in results:
         lines += [f"## {Path(r['bundle']).name}", "",
                   f"{r['macs_per_block'] / 1e6:.2f} M MACs per block per call.", "",
-                  "| variant | call ms | ratio | bit-identical | ONNX bytes |", "|---|---|---|---|---|"]
+                  "| variant | call ms (CPU) | ratio | bit-identical | ONNX bytes |", "|---|---|---|---|---|"]
         for name, v in r["variants"].items():
             label = f"{name} (nothing to rewrite: the same graph)" if v["unchanged"] else name
             lines.append(f"| {label} | {v['call_ms']:.1f} | {v['ratio_to_shipped']:.2f} | {v['bit_identical']} | "
                          f"{v['onnx_bytes']:,} |")
+        lines += ["", "Each rewrite on top of the others: all default rewrites against all but that one "
+                  "(ratio below 1: the rewrite pays).", "", "| left out | call ms (CPU) | all / this |", "|---|---|---|"]
+        lines += [f"| {name} | {v['call_ms']:.1f} | {v['ratio_to_all']:.3f} |" for name, v in r["leave_one_out"].items()]
         kinds = list(dict.fromkeys(k for v in r["variants"].values() for k in v["ops"]))
         names = list(r["variants"])
         lines += ["", "Share of kernel time by op type (kernels per call in brackets):", "",
@@ -178,6 +195,7 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path, help="also write the tables here")
     args = parser.parse_args()
     bundles = args.bundle or [MODELS / "fashion-mnist.rissole", MODELS / "twemoji.rissole"]
+    load_at_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         if args.git_rev:
             bundles = [_from_git(args.git_rev, b, Path(tmp)) for b in bundles]
@@ -186,7 +204,7 @@ def main() -> int:
     if args.markdown:
         command = "python benchmarks/op_profile.py " + " ".join(sys.argv[1:])
         tmp = args.markdown.with_name(args.markdown.name + ".partial")
-        tmp.write_text(markdown(results, command))
+        tmp.write_text(markdown(results, command, (load_at_start, os.getloadavg()[0])))
         tmp.replace(args.markdown)
     return 0
 
