@@ -1,6 +1,6 @@
 """Seams at 64x64: does border-strip conditioning (denoiser.border) remove them? (issue 17, item 2)
 
-The twemoji run behind the shipped bundle is not kept, and its autoencoder costs more than this
+The twemoji run behind the shipped teacher bundle (twemoji-teacher) is not kept, and its autoencoder costs more than this
 ablation may spend, so both rows are fine-tunes of the shipped bundle's denoiser on the
 bundle's own latents and neighbour lists (export/teacher.py rebuilds all three from the
 bundle): the same start, steps, batch, seed and learning rate for both. The border row's
@@ -34,8 +34,8 @@ from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
 ROOT = Path(__file__).resolve().parents[2]
-BUNDLE = ROOT / "models" / "twemoji.rissole"
-RECIPE = ROOT / "models" / "twemoji.toml"
+BUNDLE = ROOT / "models" / "twemoji-teacher.rissole"
+RECIPE = ROOT / "models" / "twemoji-teacher.toml"
 CHUNK = 100               # images per sampling call: bounds memory
 
 
