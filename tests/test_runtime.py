@@ -104,6 +104,25 @@ def test_thread_plans_follow_the_work_per_call(monkeypatch):
     assert workers.choose(4000, 128, 0.08, None) == workers.ThreadPlan(1, 128)
 
 
+def test_idle_cores_reads_the_load_once_per_interval(monkeypatch):
+    """A reading (three looks at /proc/loadavg) serves every plan made within IDLE_REUSE_S."""
+    import io
+
+    from rissole_edge import workers
+
+    looks, now = [], [100.0]
+    monkeypatch.setattr(workers, "open", lambda path: looks.append(path) or io.StringIO("1.0 1.0 1.0 2/300 9"),
+                        raising=False)
+    monkeypatch.setattr(workers.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(workers, "cores", lambda: 2)
+    monkeypatch.setattr(workers, "_idle_reading", (float("-inf"), 1))
+    assert workers.idle_cores() == 1 and workers.idle_cores() == 1 and len(looks) == 3   # 2 runnable: one other
+    now[0] += workers.IDLE_REUSE_S
+    monkeypatch.setattr(workers, "open", lambda path: looks.append(path) or io.StringIO("0.0 0.0 0.0 1/300 9"),
+                        raising=False)
+    assert workers.idle_cores() == 2 and len(looks) == 6
+
+
 def test_workers_run_every_chunk_once_and_raise_the_first_error():
     from rissole_edge import workers
 
