@@ -77,6 +77,25 @@ def test_a_denoiser_row_does_not_depend_on_its_batch(tiny_bundle, name):
     assert np.array_equal(whole, threaded.run(["eps"], feeds)[0])
 
 
+@pytest.mark.parametrize("name", ["tiny", "fashion-mnist", "twemoji"])
+def test_a_decoded_image_does_not_depend_on_its_batch(tiny_bundle, name):
+    """Decoder calls take as many images as the threads and the memory plan give them: allowed
+    because each image decodes to the same pixels whatever the call holds."""
+    from rissole_edge import workers
+    from rissole_edge.bundle import Bundle, Spec
+    from rissole_edge.shipped import resolve
+
+    bundle = Bundle.open(tiny_bundle if name == "tiny" else resolve(name))
+    spec = Spec.from_manifest(bundle.manifest)
+    session = workers.session(bundle, "decoder.onnx")
+    z = np.random.default_rng(1).standard_normal((7, spec.latent_channels, spec.latent_side, spec.latent_side))
+    z = (z * spec.latent_scale).astype(np.float32)
+    whole = session.run(["image"], {"latent": z})[0]
+    for size in (1, 3):
+        parts = [session.run(["image"], {"latent": z[a:a + size]})[0] for a in range(0, len(z), size)]
+        assert np.array_equal(whole, np.concatenate(parts)), size
+
+
 def test_every_thread_plan_gives_the_same_pixels(tiny_bundle, gen):
     """1, 2 and 3 worker threads and the plan's own choice cut the blocks into different
     chunks (3 workers: chunks of 7, 7 and 6 blocks for 5 images); guidance doubles the rows."""
