@@ -38,7 +38,7 @@ DECODER_PER_PIXEL = 900      # activation bytes per decoded pixel (the shipped d
 MARGIN = 4 * MiB             # allocator slack, Python objects, numpy temporaries, PNG encoding
 DEFAULT_ROWS = 128           # rows in flight without a budget: calls past ~64 rows no longer get faster
 MAX_ROWS = 256
-DECODE_PIXELS = 1568         # pixels per decoder call (2 fashion images): 4096 were no faster, 1.6 MB bigger
+DECODE_PIXELS = 2048         # pixels per decoder call (2 fashion images, 1 twemoji): 4 were no faster, 1.6 MB bigger
 IMAGES_PER_GROUP = 16        # images whose conditions and latents are held at once (at least)
 
 
@@ -63,6 +63,26 @@ def rss() -> tuple[int, int]:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return peak, peak
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim). Opening a bundle frees
+    more than it keeps (each member's bytes, onnxruntime's parse of each model), and glibc keeps
+    freed heap pages resident: called after each session and the database are made, a default
+    `generate -n 4` peaked 2.3 MB lower (benchmarks/results/memory.md). Nothing where there is no
+    glibc."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+            _malloc_trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError, TypeError):      # not glibc (macOS, musl, Windows)
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def mb(n: int) -> str:

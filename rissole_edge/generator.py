@@ -89,6 +89,7 @@ class Generator:
         self.last_workers = 1          # worker threads the last group's denoising took (bench reports it)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
+        budget.release_free_memory()        # the members' bytes, parsed (each session trims its own)
         self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
         self._lock = threading.Lock()
         self._closed = False
