@@ -21,8 +21,9 @@ Parts:
 - decoder: the decoder session's `run`; decode other: joining blocks and converting to uint8;
 - generate other: the rest of `generate` (groups, checks, the pixel array).
 Against each data set's row with the most steps (the 50-step DDIM baseline), every row gets
-its time ratio, the ratio of its denoiser calls (the steps) and of its denoiser time alone:
-the time ratio can only reach the call ratio when everything else is free.
+its time ratio, the ratio of its denoiser calls (the steps), of its denoiser rows (calls times
+2 under guidance) and of its denoiser time alone: the time ratio can only reach the row ratio
+when everything else is free.
 The machine is shared: compare rows of one run, not runs.
 """
 
@@ -37,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from rissole_edge import images, rng
+from rissole_edge import budget, images, rng
 from rissole_edge.generator import Generator
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +89,9 @@ class _Row:
         for name, part in (("_conditions", "retrieval"), ("_denoise", "denoise_total"), ("_decode", "decode_total")):
             setattr(self.gen, name, _timed(getattr(self.gen, name), part, lambda: self.totals))
         self.per_round: dict[str, list[float]] = defaultdict(list)
+        passes = budget.passes(self.gen.spec, self.gen.spec.guidance)     # 2: guidance's two rows per block
         self.record = {"bundle": str(bundle), "dataset": self.gen.bundle.manifest["dataset"]["name"],
-                       "steps": steps, "sampler": sampler_name, "n": n}
+                       "steps": steps, "sampler": sampler_name, "n": n, "rows_per_block": steps * passes}
 
     def run(self, seed: int, noise: list[dict[str, float]]) -> None:
         """One round: generate(n) and write its PNGs; `noise[0]` is where rng's timers add."""
@@ -141,15 +143,17 @@ def measure(specs: list[tuple[Path, int, str]], n: int, rounds: int) -> list[dic
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Each row against its data set's row with the most steps: time (CPU), denoiser time and
-    denoiser calls, baseline / row."""
+    """Each row against its data set's row with the most steps: time (CPU), denoiser time,
+    denoiser calls per block and denoiser rows per block (a guided bundle runs two per call),
+    baseline / row."""
     for r in rows:
         base = max((b for b in rows if b["dataset"] == r["dataset"]), key=lambda b: b["steps"])
         ms, base_ms = r["ms_per_image"], base["ms_per_image"]
         r["against"] = {"baseline": f"{Path(base['bundle']).stem} {base['steps']} {base['sampler']}",
                         "time_ratio": round(base_ms["generate cpu"] / ms["generate cpu"], 3),
                         "denoiser_time_ratio": round(base_ms["denoiser"] / ms["denoiser"], 3),
-                        "call_ratio": round(base["steps"] / r["steps"], 3)}
+                        "call_ratio": round(base["steps"] / r["steps"], 3),
+                        "row_ratio": round(base["rows_per_block"] / r["rows_per_block"], 3)}
 
 
 def table(rows: list[dict]) -> str:
