@@ -29,6 +29,7 @@ from typing import TypeVar
 import numpy as np
 import onnxruntime as ort
 
+from .budget import release_free_memory
 from .bundle import Bundle, BundleError, Spec
 from .onnx_guard import check_self_contained
 
@@ -91,9 +92,12 @@ def session(bundle: Bundle, member: str) -> ort.InferenceSession:
     # benchmarks/results/memory.md). Its arena stays on: without it the peak rose by 4 MB.
     options.enable_mem_pattern = False
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        made = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError(f"the bundle's {name} does not load in onnxruntime: {first_line(e)}") from None
+    del model
+    release_free_memory()       # the member's bytes and onnxruntime's parse of them
+    return made
 
 
 def first_line(e: Exception) -> str:
