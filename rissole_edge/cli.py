@@ -155,7 +155,7 @@ def generate(
                                     query=Query(entry=query_id, like=like, label=label),
                                     on_group=writer.write_group, on_progress=lambda done, _n: bar.update(done),
                                     on_preview=on_preview, preview_every=preview_every, force_steps=force_steps,
-                                    as_array=True)
+                                    as_array=True, collect=grid_file is not None)   # else only as PNGs are written
         except KeyboardInterrupt:
             bar.close()
             typer.echo(f"interrupted: {writer.summary()}", err=True)
@@ -163,7 +163,8 @@ def generate(
         bar.close()
         t_gen = time.perf_counter() - t1
         plan = gen.plan.describe()
-    writer.write_grid(pictures)
+    if pictures is not None:
+        writer.write_grid(pictures)
     written = writer.written
     _, peak = budget.rss()
     report = {"images": [str(p) for p in written], "grid": str(grid_file) if grid_file else None,
@@ -172,7 +173,7 @@ def generate(
     if json_out:
         typer.echo(json.dumps(report, indent=2))
     else:
-        typer.echo(f"wrote {len(pictures)} images to {writer.folder}" + (f" and {grid_file}" if grid_file else "")
+        typer.echo(f"wrote {len(written)} images to {writer.folder}" + (f" and {grid_file}" if grid_file else "")
                    + f" in {t_gen:.2f} s ({plan}; peak RSS {report['peak_rss_mb']} MB)")
 
 

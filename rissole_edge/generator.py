@@ -136,7 +136,8 @@ class Generator:
                  query: Query | None = None, guidance: float | None = None, on_progress: Progress | None = None,
                  as_array: bool = False, first_index: int = 0,
                  on_group: GroupDone | None = None, on_preview: PreviewFn | None = None,
-                 preview_every: int | None = None, force_steps: bool = False) -> list[Image.Image] | np.ndarray:
+                 preview_every: int | None = None, force_steps: bool = False,
+                 collect: bool = True) -> list[Image.Image] | np.ndarray | None:
         """Generate images number first_index .. first_index + n - 1 of this seed.
 
         `guidance`, `steps` and `sampler_name` None use what the bundle recommends (its exporter
@@ -149,7 +150,9 @@ class Generator:
         Images are made in groups (`plan.images_per_group`). As each group is decoded,
         `on_group(index of its first image, uint8 pixels (len, H, W, C))` gets it, so that a
         caller can save finished work before the rest is done (the CLI writes PNGs there, and an
-        interrupt keeps them); then `on_progress(images done, n)` counts images.
+        interrupt keeps them); then `on_progress(images done, n)` counts images. With `collect`
+        False the images reach the caller only that way and None is returned, so that what is
+        held does not grow with n (the CLI, unless it makes a grid).
 
         Image i depends only on (bundle, seed, i, settings, query): the same call gives the same
         pixels, and image i of a batch equals image i generated alone (first_index=i, n=1).
@@ -176,7 +179,8 @@ class Generator:
             # Images go through in groups so that what is held per image stays bounded too.
             size = self.plan.images_per_group
             groups = [list(range(a, min(a + size, first_index + n))) for a in range(first_index, first_index + n, size)]
-            pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels), np.uint8)
+            pixels = np.empty((n, self.spec.image_size, self.spec.image_size, self.spec.image_channels),
+                              np.uint8) if collect else None
             preview = None if on_preview is None else Preview(
                 on_preview, preview_every or default_every(steps), steps, first_index,
                 (n, self.spec.positions, self.spec.latent_channels, self.spec.block_side, self.spec.block_side),
@@ -186,11 +190,15 @@ class Generator:
                 latents, threads = self._denoise(ids, seed, steps, sampler_name, cond, guidance, preview)
                 self.last_workers = threads
                 start = ids[0] - first_index
-                pixels[start:start + len(ids)] = self._decode(latents, threads)
+                done = self._decode(latents, threads)
+                if pixels is not None:
+                    pixels[start:start + len(ids)] = done
                 if on_group is not None:
-                    on_group(ids[0], pixels[start:start + len(ids)])
+                    on_group(ids[0], done)
                 if on_progress is not None:
                     on_progress(start + len(ids), n)
+        if pixels is None:
+            return None
         return pixels if as_array else [to_pil(p) for p in pixels]
 
     def _check(self, n: int, steps: int, sampler_name: str, guidance: float, seed: int) -> None:

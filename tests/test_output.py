@@ -104,6 +104,16 @@ def test_generated_pngs_hold_the_generated_pixels(tmp_path):
         assert np.array_equal(np.asarray(Image.open(path)), expected)
 
 
+def test_without_collect_the_images_come_only_group_by_group():
+    """What the CLI asks for (no grid): nothing held for all n images, the same pixels per group."""
+    with Generator.open("fashion-mnist", threads=1, memory_budget="1GB") as gen:   # groups of 16
+        kept = gen.generate(20, steps=2, as_array=True)
+        seen = {}
+        assert gen.generate(20, steps=2, collect=False, on_group=lambda first, px: seen.update({first: px.copy()})) \
+            is None
+    assert sorted(seen) == [0, 16] and np.array_equal(np.concatenate([seen[0], seen[16]]), kept)
+
+
 def test_an_incomplete_grid_is_padded_with_the_images_background():
     dark = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (0, 10, 0)]
     assert np.asarray(images.grid(dark))[6, 6] == 0                             # 2x2 grid, 4th cell
