@@ -98,13 +98,20 @@ def _digest(data: bytes | np.ndarray) -> str:
     return hashlib.sha256(data if isinstance(data, bytes) else np.ascontiguousarray(data).tobytes()).hexdigest()[:16]
 
 
+def fingerprint(gen: Generator) -> str:
+    """What the bundle generates (two images at 2 ddim steps): the cache key. Not the file's
+    hash: the shipped bundles are rewritten (graph rewrites, re-packs) with the same images,
+    and every cached measure depends on the images only."""
+    return _digest(gen.generate(2, seed=SEED, steps=2, sampler_name="ddim", as_array=True, force_steps=True))
+
+
 class Cache:
-    """Measurements kept on disk per bundle file (keyed by its hash), so that a study cut short
-    resumes where it stopped and rows are never measured twice: plain .npy arrays and JSON,
+    """Measurements kept on disk per bundle (keyed by its `fingerprint`), so that a study cut
+    short resumes where it stopped and rows are never measured twice: plain .npy arrays,
     written atomically, never unpickled."""
 
-    def __init__(self, bundle: Path):
-        self.folder = feature_cache_dir().parent / "steps" / _digest(bundle.read_bytes())
+    def __init__(self, gen: Generator):
+        self.folder = feature_cache_dir().parent / "steps" / fingerprint(gen)
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def array(self, key: str, make) -> np.ndarray:
@@ -134,7 +141,7 @@ class Study:
     def __init__(self, name: str, args: argparse.Namespace, log=print):
         self.name, self.args, self.log = name, args, log
         self.gen = Generator.open(name, threads=args.threads)
-        self.cache = Cache(shipped.resolve(name))
+        self.cache = Cache(self.gen)
         m = self.gen.bundle.manifest
         image = m["image"]
         self.data = datasets.load(m["dataset"]["name"], DataConfig(size=image["size"], channels=image["channels"],
@@ -176,6 +183,11 @@ class Study:
         """A row's cheap measures on the first `--n` images (from the cache when measured before;
         None in --cached-only mode when it never was)."""
         gen = Generator.open(student, threads=self.args.threads) if student else self.gen
+        if student:             # its rows live in the teacher's folder: refuse them if it changed
+            known = self.cache.array(f"{student}-fingerprint", lambda: np.array(fingerprint(gen)))
+            if str(known) != fingerprint(gen):
+                raise SystemExit(f"{student} generates other images than when its rows were cached in "
+                                 f"{self.cache.folder}: remove its files there")
         key, n = f"{student or 'teacher'}-{sampler}-{steps}", self.args.n
         timing = self.cache.array(f"{key}-ms-n{n}", lambda: None)
         if timing is None and self.args.cached_only:
