@@ -108,10 +108,14 @@ def stages(python: str, code: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def cli_peaks(python: str, sizes: list[int]) -> dict:
+def cli_peaks(python: str, sizes: list[int], threads: int | None = None) -> dict:
+    """Peaks of `generate -n N`; with `threads`, `--threads` too (the default plan takes a second
+    worker only when a core is idle, so a busy machine measures the one-worker plan)."""
     cli = str(Path(python).parent / "rissole-edge")
+    extra = ["--threads", str(threads)] if threads else []
     with tempfile.TemporaryDirectory() as tmp:
-        return {f"cli generate -n {n}": peak_of([cli, "generate", "-n", str(n), "-o", f"{tmp}/c{n}"]) for n in sizes}
+        return {f"cli generate -n {n}{' ' + ' '.join(extra) if extra else ''}":
+                peak_of([cli, "generate", "-n", str(n), *extra, "-o", f"{tmp}/c{n}"]) for n in sizes}
 
 
 def measure(python: str, sizes: list[int]) -> dict:
@@ -121,6 +125,8 @@ def measure(python: str, sizes: list[int]) -> dict:
             out["peaks_mb"].update(cli_peaks(python, [n]))
             os.makedirs(f"{tmp}/a{n}")
             out["peaks_mb"][f"api generate({n}) + PNGs"] = peak_of([python, "-c", API_GENERATE, str(n), f"{tmp}/a{n}"])
+        for threads in (1, 2):
+            out["peaks_mb"].update(cli_peaks(python, sizes, threads))
     out["stages_parts"] = stages(python, PARTS)
     out["stages_api"] = stages(python, API)
     return out
@@ -132,27 +138,44 @@ NOTES = """
 Read with the stage tables above (each row is measured in the same run).
 
 - The interpreter and the imports are most of it: numpy, onnxruntime (its library's pages),
-  numpy.random (loaded at the first generation: the noise), Pillow and its PNG plugin (the
-  first PNG), typer for the CLI.
+  numpy.random (loaded with rissole_edge.rng), typer for the CLI.
 - onnxruntime's first session costs about 12 MB for its environment and kernel code plus
-  about 3.5 bytes per byte of model (graph, weights, prepacked weights): the denoiser session
+  about 3.3 bytes per byte of model (graph, weights, prepacked weights): the denoiser session
   row. The decoder's session is small.
-- The database row is hnswlib's index (its member plus about 3 MB of hnswlib's own tables)
-  and the parsed arrays.
-- Generation adds the activations of the rows in flight (128 by default), the decoder's
-  (calls of at most 4096 pixels) and first-use costs.
+- The database row is the parsed arrays: codes, labels and each entry's neighbour lists
+  (`entry_neighbours.npy`). hnswlib and its index (about 9 MB) load only for a query by image
+  (`--like`) and `verify`; Pillow (3 MB) only to read a query image or write a grid or preview.
+- Generation adds the activations of the rows in flight (96 by default; onnxruntime holds
+  about 30-45 KB per row), the decoder's (2 fashion images per call) and first-use costs. Two
+  worker threads (an idle machine's default plan for big groups, or `--threads 2`) add about
+  2 MB at -n 1000: two calls and two decoder calls at once, and a second thread's heap.
 
-Removed in this work (issue 16, item 3): typer 0.29's pydantic (typer < 0.29), OpenSSL
-(sha256 from CPython's own module; sha512 only for signed bundles; `secrets` no longer
-imported for temp names), the second copy of the index while it is checked and loaded,
-onnxruntime's intra-op thread pools, 16-image decoder calls (58 MB on twemoji) and 256-row
-denoiser calls.
+Removed in issue 16, item 3: typer 0.29's pydantic (typer < 0.29), OpenSSL (sha256 from
+CPython's own module; sha512 only for signed bundles; `secrets` no longer imported for temp
+names, and numpy.random imported with a stand-in for `secrets`: 3.8 MB), the second copy of
+the index while it is checked and loaded, onnxruntime's intra-op thread pools, 16-image
+decoder calls (58 MB on twemoji) and 256-row denoiser calls; then, each measured on its own
+with this script on a plain install (busy 2-core machine, one worker), in MB of the CLI's
+peak at -n 4 / -n 1000:
 
-Not reached: 80 MB. What would take the rest, measured as the rows above: shipping each
-entry's neighbour list in the bundle so that a default query needs no HNSW index (the
-database row, about 11 MB; the index would load only for --like and --label), writing PNGs
-with zlib instead of Pillow's plugin, and fewer rows in flight (64 instead of 128: about
-3 MB less at -n 1000, about 4% slower).
+| change | -n 4 | -n 1000 |
+|---|---|---|
+| no HNSW index for a query from an entry (`entry_neighbours.npy`) | -9.1 | -10.1 |
+| PNGs without Pillow, Pillow and hnswlib imported lazily, numpy.random without OpenSSL | -6.0 | -5.9 |
+| onnxruntime without memory patterns; decoder calls of 2 images, not 4-5 | -1.1 | -1.7 |
+| the C heap's free pages returned after each session and the database (malloc_trim) | -2.0 | -0.3 |
+| the CLI does not keep every image's pixels (`generate(collect=False)`) | 0 | -0.6 |
+| 96 rows in flight instead of 128 (3.3% more CPU time) | 0 | -2.8 |
+
+Tried and not kept: onnxruntime's `session.disable_prepacking` (1 MB less, 1.9x slower),
+no CPU arena (4-7 MB more at -n 1000), `use_device_allocator_for_initializers` and an
+environment arena that extends by the size asked (no gain), graph optimisation level
+"extended" (1 MB less activation, 6% slower), `MALLOC_MMAP_THRESHOLD_` at 64 KB (1.3 MB less
+at -n 1000, 2.8% more CPU), a per-group heap trim (the peak is inside a group).
+
+Not reached at -n 1000: 80 MB. What is left: the activations of 96 rows in flight (64 rows:
+1.0 MB less than 96, for 6.5% more CPU time than 128), onnxruntime's environment (12 MB) and
+denoiser session (9 MB for a 2.6 MB model), typer (2.1 MB).
 """
 
 

@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 MiB = 1 << 20
 UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": MiB, "mb": MiB, "mib": MiB,
          "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
-RUNTIME_BASE = 62 * MiB      # python, numpy (with numpy.random), onnxruntime, hnswlib, pillow (with its PNG
-                             # plugin), rissole_edge and its CLI: measured 60-61 MB on x86_64 CPython 3.11
+RUNTIME_BASE = 56 * MiB      # python, numpy (with numpy.random), onnxruntime, rissole_edge and its CLI: measured
+                             # 52.4 MB on x86_64 CPython 3.11; and Pillow (3 MB), which --like, --grid, --preview load
 ORT_ENV = 12 * MiB           # onnxruntime's environment and kernel code, paged in by the first session
 SESSION_PER_MODEL_BYTE = 3.5 # a session holds its graph, its weights and their prepacked copies
 INDEX_FIXED = 3 * MiB        # hnswlib's own tables beside the index (locks, label map)
@@ -113,8 +113,9 @@ def passes(spec: Spec, guidance: float) -> int:
 
 def held(bundle: Bundle) -> int:
     """What an open Generator holds beyond the runtime's imports (bytes, before generating):
-    onnxruntime's environment, a session per ONNX member (the encoder's opens with the first
-    --like query), hnswlib's index and the other members as loaded."""
+    onnxruntime's environment, a session per ONNX member and hnswlib's index (the encoder's
+    session and the index load with the first --like query; counted, so that one fits) and the
+    other members as loaded."""
     size = {name: m.size for name, m in bundle.members.items()}
     onnx = sum(n for name, n in size.items() if name.endswith(".onnx"))
     arrays = sum(n for name, n in size.items() if name.endswith(".npy"))
