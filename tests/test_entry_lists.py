@@ -12,8 +12,9 @@ from rissole_edge.generator import Generator, Query
 from rissole_edge.retrieval import ENTRY_NEIGHBOURS, Database, entry_neighbours_dtype
 from rissole_export import pack
 from rissole_export.entry_lists import add_entry_lists
+from rissole_export.rebuild import build_db
 
-from conftest import cli
+from conftest import SAMPLE, cli
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist.rissole"
 
@@ -53,6 +54,12 @@ def test_the_lists_are_the_live_queries_for_every_entry(tiny_bundle):
     """The exporter wrote them (tiny_bundle is `export`'s output); each equals the index's answer."""
     spec = Spec.from_manifest(Bundle.open(tiny_bundle).manifest)
     _check_every_entry(tiny_bundle, range(spec.images))
+
+
+def test_build_db_writes_the_lists_of_its_new_database(tiny_bundle, tmp_path):
+    out = tmp_path / "rebuilt.rissole"
+    build_db(tiny_bundle, SAMPLE, out, log=lambda _: None)
+    _check_every_entry(out, range(Spec.from_manifest(Bundle.open(out).manifest).images))
 
 
 def test_the_shipped_lists_are_the_live_queries():
