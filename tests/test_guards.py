@@ -18,7 +18,7 @@ from rissole_export import pack
 from rissole_export.database import index_bytes
 from rissole_export.rebuild import build_db
 
-from conftest import SAMPLE
+from conftest import SAMPLE, cli
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "fashion-mnist.rissole"
 
@@ -178,3 +178,6 @@ def test_a_bundle_whose_index_points_outside_is_refused_before_hnswlib_loads_it(
     crafted = _repacked(tmp_path, {"index.bin": _set_u32(data, HEADER.size + 4, count + 1)})
     with Generator.open(crafted) as gen, pytest.raises(BundleError, match="points outside the index"):
         gen.db.load_index()
+    proc = cli("verify", str(crafted))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "points outside the index" in proc.stderr
