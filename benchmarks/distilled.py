@@ -79,9 +79,9 @@ def main() -> None:
     wanted = [row for row in args.rows.split(",") if row]
     if args.out and args.out.exists():
         kept = json.loads(args.out.read_text())
-        result["rows"] = kept["rows"]
-        if not wanted:           # timing only: the quality figures, and their N, are the file's
-            result.update({k: kept[k] for k in ("n", "reference_images") if k in kept})
+        # Kept from the file: the rows not measured now and its notes (timing only: its N too).
+        result = {**kept, **({} if not wanted else {"n": args.n}), "student_steps": steps,
+                  "teacher_steps": args.teacher_steps}
     if wanted:
         _measure_quality(args, {row: rows[row] for row in wanted}, result)
     if args.rounds == 0 or not {"teacher", "student"} <= set(result["rows"]):
@@ -125,7 +125,8 @@ def _measure_time(rounds: int, rows: dict[str, tuple[Path, int]], result: dict) 
     for row, values in times.items():
         result["rows"][row]["ms_per_image"] = statistics.median(values)
         result["rows"][row]["ms_per_image_rounds"] = values
-    result["timing"] = {"rounds": rounds, "images_per_batch": TIMED_IMAGES, "threads": 2, "sampler": "ddim",
+    result["timing"] = {"bundles": {row: str(rows[row][0]) for row in times},
+                        "rounds": rounds, "images_per_batch": TIMED_IMAGES, "threads": 2, "sampler": "ddim",
                         "speedup_per_round": [a / b for a, b in zip(times["teacher"], times["student"])],
                         "load_average_1min_before_after": load,
                         "when": datetime.now(timezone.utc).isoformat(timespec="seconds")}
