@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,32 @@ PEERS = ("torch_eager", "whole_torch", "whole_ort", "diffusers")
 
 
 # ------------------------------------------------------------------ children (one per process)
+
+def _wall_and_cpu(run, repeats: int = 3) -> tuple[float, float]:
+    """Median wall and process CPU seconds of `run()` after one warm-up run. At one thread the
+    CPU time is the work itself, whatever share of a core the busy machine left the process:
+    rows run minutes apart can be compared by it when the load moved in between."""
+    run()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        run()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
+
+
+def _thread_cpu_seconds(call, repeats: int) -> float:
+    """Median CPU seconds of the calling thread per `call()` (a single-threaded onnxruntime
+    session runs every kernel there), after one warm-up call."""
+    call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        call()
+        times.append(time.thread_time() - t0)
+    return float(np.median(times))
+
 
 def _recipe(path: str):
     """A run's config: a training run's folder (its config.json), or a recipe file applied to
@@ -87,8 +114,8 @@ def child_torch_eager(a: dict) -> dict:
             x = diffusion.sample(lambda x, t: net(x, t, pos, cond), torch.randn(rows, c, s, s), a["steps"])
             latent = blocks.join(x.reshape(BATCH, positions, c, s, s).numpy(), per_side)
             ae.decode_latent(torch.from_numpy(latent))
-    sec = median_seconds(run, 3, warmup=1)
-    return {"per_image_s": sec / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
+    sec, cpu = _wall_and_cpu(run)
+    return {"per_image_s": sec / BATCH, "per_image_cpu_s": cpu / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
             "parameters": sum(p.numel() for p in net.parameters())}
 
 
@@ -108,8 +135,8 @@ def child_whole_torch(a: dict) -> dict:
     pos = torch.zeros(BATCH, dtype=torch.long)
     x = torch.randn(BATCH, net.latent_channels, net.block_size, net.block_size)
     with torch.no_grad():
-        sec = median_seconds(lambda: diffusion.sample(lambda x, t: net(x, t, pos), x, a["steps"]), 3, warmup=1)
-    return {"per_image_s": sec / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
+        sec, cpu = _wall_and_cpu(lambda: diffusion.sample(lambda x, t: net(x, t, pos), x, a["steps"]))
+    return {"per_image_s": sec / BATCH, "per_image_cpu_s": cpu / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
             "parameters": sum(p.numel() for p in net.parameters())}
 
 
@@ -131,8 +158,8 @@ def child_whole_ort(a: dict) -> dict:
         return sess.run(["eps"], {k: v for k, v in feeds.items() if k in names})[0]
     x = np.random.default_rng(0).standard_normal((BATCH, net.latent_channels, net.block_size, net.block_size))
     x = x.astype(np.float32)
-    sec = median_seconds(lambda: sampler.sample(eps, x, alpha, a["steps"], "ddim"), 3, warmup=1)
-    return {"per_image_s": sec / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20}
+    sec, cpu = _wall_and_cpu(lambda: sampler.sample(eps, x, alpha, a["steps"], "ddim"))
+    return {"per_image_s": sec / BATCH, "per_image_cpu_s": cpu / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20}
 
 
 def child_diffusers(a: dict) -> dict:
@@ -151,8 +178,8 @@ def child_diffusers(a: dict) -> dict:
         with torch.no_grad():
             for t in sched.timesteps:
                 x = sched.step(unet(x, t).sample, t, x).prev_sample
-    sec = median_seconds(run_once, 3, warmup=1)
-    return {"per_image_s": sec / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
+    sec, cpu = _wall_and_cpu(run_once)
+    return {"per_image_s": sec / BATCH, "per_image_cpu_s": cpu / BATCH, "peak_rss_mb": rss()[1] / 2 ** 20,
             "parameters": sum(p.numel() for p in unet.parameters())}
 
 
@@ -191,6 +218,8 @@ def child_ort_ceiling(a: dict) -> dict:
         opts.intra_op_num_threads = a["threads"]
         sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         out[f"{name}_gops"] = 2 * macs / median_seconds(lambda: sess.run(None, {"x": x}), 5, warmup=1) / 1e9
+        if a["threads"] == 1:
+            out[f"{name}_gops_cpu"] = 2 * macs / _thread_cpu_seconds(lambda: sess.run(None, {"x": x}), 5) / 1e9
     return out
 
 
@@ -223,11 +252,13 @@ def child_denoiser_gops(a: dict) -> dict:
     share = -(-CALL_BLOCKS // cores)
     parts = [{k: v[i:i + share] for k, v in feeds.items()} for i in range(0, CALL_BLOCKS, share)]
     one = median_seconds(lambda: sess.run(["eps"], feeds), 10)
+    one_cpu = _thread_cpu_seconds(lambda: sess.run(["eps"], feeds), 10)
     with ThreadPoolExecutor(cores) as pool:
         every = median_seconds(lambda: list(pool.map(lambda f: sess.run(["eps"], f), parts)), 10)
     return {"macs_per_block": layers, "executed_macs_per_block": executed, "call_blocks": CALL_BLOCKS,
             "macs_per_image_per_step": layers * spec.positions, "cores": cores,
-            "call_ms_1_thread": one * 1e3, "call_ms_all_cores": every * 1e3,
+            "call_ms_1_thread": one * 1e3, "call_ms_all_cores": every * 1e3, "call_cpu_ms_1_thread": one_cpu * 1e3,
+            "gops_1_thread_cpu": 2 * layers * CALL_BLOCKS / one_cpu / 1e9,
             "gops_1_thread": 2 * layers * CALL_BLOCKS / one / 1e9,
             "gops_all_cores": 2 * layers * CALL_BLOCKS / every / 1e9,
             "executed_gops_1_thread": 2 * executed * CALL_BLOCKS / one / 1e9,
@@ -288,13 +319,19 @@ def main() -> int:
     by_plan = plans.get("generate_ms_per_image", {}).get(f"n={BATCH} ({BATCH * _spec(bundle).positions} blocks)")
     ours_ms = by_plan["median"]["default"] if by_plan else _ms_per_image(ours)
     ratios: dict = {}
+    ours_cpu = by_plan["cpu_median"]["1 thread"] if by_plan else None
     for name, by_threads in peers.items():
         times = [v["per_image_s"] * 1e3 for v in by_threads.values() if "per_image_s" in v]
         ratios[f"speedup_vs_{name}"] = min(times) / ours_ms if times and ours_ms else None
+        cpu = by_threads["1"].get("per_image_cpu_s")
+        ratios[f"cpu_time_ratio_1_thread_vs_{name}"] = cpu * 1e3 / ours_cpu if cpu and ours_cpu else None
     int8_1, int8_all = limit["ceiling_1_core"].get("int8_gops"), limit["ceiling_all_cores"].get("int8_gops")
     if "gops_1_thread" in limit and int8_1 and int8_all:
         ratios["gops_share_of_int8_peak_1_core"] = limit["gops_1_thread"] / int8_1
         ratios["gops_share_of_int8_peak_all_cores"] = limit["gops_all_cores"] / int8_all
+    if limit.get("gops_1_thread_cpu") and limit["ceiling_1_core"].get("int8_gops_cpu"):
+        ratios["gops_share_of_int8_peak_1_core_cpu_time"] = \
+            limit["gops_1_thread_cpu"] / limit["ceiling_1_core"]["int8_gops_cpu"]
     ran = [r for r in sweep if "peak_rss_mb" in r]
     if "calls_ms" in plans:
         ratios["two_workers_vs_one_thread_at_256_blocks"] = \
@@ -314,14 +351,16 @@ def main() -> int:
     if not args.quick:
         _write_md(result)
         _plot(RESULTS / "latency_vs_budget.png", "warm latency per image vs memory budget (default threads)",
-              [r["budget_mb"] for r in sweep], {"ms/image": [r.get("warm_image_s", 0) * 1e3 for r in sweep]},
+              [r["budget_mb"] for r in sweep], {"ms/image": [r.get("warm_image_s", 0) * 1e3 for r in sweep],
+                                                "CPU ms/image": [r.get("warm_image_cpu_s", 0) * 1e3 for r in sweep]},
               "budget MB", "ms")
         _plot(RESULTS / "rss_vs_budget.png", "peak RSS vs memory budget (default threads)",
               [r["budget_mb"] for r in sweep],
               {"peak RSS MB": [r.get("peak_rss_mb") for r in sweep], "budget MB": [r["budget_mb"] for r in sweep]},
               "budget MB", "MB")
         _plot(RESULTS / "latency_vs_steps.png", "warm latency per image vs steps (default threads)",
-              [r["steps"] for r in step_sweep], {"ms/image": [r.get("warm_image_s", 0) * 1e3 for r in step_sweep]},
+              [r["steps"] for r in step_sweep], {"ms/image": [r.get("warm_image_s", 0) * 1e3 for r in step_sweep],
+                                                 "CPU ms/image": [r.get("warm_image_cpu_s", 0) * 1e3 for r in step_sweep]},
               "steps", "ms")
     print(json.dumps(ratios, indent=2))
     return 0
@@ -333,6 +372,11 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 def _warm_ms(r: dict) -> float | None:
     return r["warm_image_s"] * 1e3 if "warm_image_s" in r else None
+
+
+def _warm_cpu_ms(r: dict) -> float | None:
+    """Process CPU time per warm image: steadier than wall time on the busy machine."""
+    return r["warm_image_cpu_s"] * 1e3 if "warm_image_cpu_s" in r else None
 
 
 def _thread_lines(plans: dict) -> list[str]:
@@ -361,6 +405,8 @@ def _write_md(r: dict) -> None:
                     if size.startswith(f"n={r['images_per_call']} ")), None)
     ms = [by_plan[k] for k in ("1 thread", "2 threads", "default")] if by_plan else \
         [_ms_per_image(x) for x in r["threads"]]
+    cpu_1 = next((row["cpu_median"]["1 thread"] for size, row in r["plans"].get("generate_ms_per_image", {}).items()
+                  if size.startswith(f"n={r['images_per_call']} ")), None)
     load = f"load average {r['load_average_at_start'][0]:.1f} at the start, {r['load_average_at_end'][0]:.1f} at the end"
     lines = [f"# Performance ({r['steps']} sampling steps, batches of {r['images_per_call']} images)", "",
              f"Made by `{r['command']}` on a shared {r['cpu_count']}-core x86_64 machine that other work was using "
@@ -371,17 +417,21 @@ def _write_md(r: dict) -> None:
              "each ran at 1 and 2 threads and its faster figure is compared. The peers sample with DDIM; the runtime with "
              f"the bundle's recommended sampler ({r['recommended'].get('sampler')}) at the same step count: one denoiser "
              "call per step either way.", "",
+             "The last two columns compare CPU time at one thread (the process's CPU seconds per image): the work "
+             "itself, whatever share of a core the machine's other jobs left each row when it ran.", "",
              "| contender | ms per image, 1 thread | ms per image, 2 threads | peak RSS MB (ours: default plan; peers: 2 threads) | "
-             "ours is faster by |", "|---|---|---|---|---|",
+             "ours is faster by | CPU ms per image, 1 thread | ours takes less CPU by |", "|---|---|---|---|---|---|---|",
              f"| **rissole-edge runtime** (int8 bundle, default thread plan: {_fmt(ms[2])} ms) | "
-             f"{_fmt(ms[0])} | {_fmt(ms[1])} | {_fmt(ours.get('peak_rss_mb'))} | |"]
+             f"{_fmt(ms[0])} | {_fmt(ms[1])} | {_fmt(ours.get('peak_rss_mb'))} | | {_fmt(cpu_1)} | |"]
     labels = {"torch_eager": "(a) same model, fp32, PyTorch eager", "whole_torch": "(b) whole-latent LDM, PyTorch",
               "whole_ort": "(b) whole-latent LDM, onnxruntime fp32", "diffusers": "(c) diffusers UNet2DModel + DDIM"}
     for k, v in peers.items():
         ms = [v[t].get("per_image_s", 0) * 1e3 or None for t in ("1", "2")]
         err = next((x["error"] for x in v.values() if "error" in x), "")
+        cpu = v["1"].get("per_image_cpu_s")
         lines.append(f"| {labels[k]} | {_fmt(ms[0])} | {_fmt(ms[1])} | {_fmt(v['2'].get('peak_rss_mb'))} | "
-                     f"{_fmt(ratios.get(f'speedup_vs_{k}'), '.2f')}x {err} |")
+                     f"{_fmt(ratios.get(f'speedup_vs_{k}'), '.2f')}x {err} | {_fmt(cpu * 1e3 if cpu else None)} | "
+                     f"{_fmt(ratios.get(f'cpu_time_ratio_1_thread_vs_{k}'), '.2f')}x |")
     rec = r["recommended"]
     lines += ["", "## Threads", "", "ms per image (speed-up over 1 thread), one process, interleaved rounds:", "",
               *_thread_lines(r["plans"])]
@@ -391,12 +441,12 @@ def _write_md(r: dict) -> None:
               "image warm.", "",
               f"Cold start (process start to first image): {_fmt(ours.get('cold_s'), '.2f')} s, of which opening the "
               f"bundle {_fmt(ours.get('open_s'), '.3f')} s and the first image {_fmt(ours.get('first_image_s'), '.3f')} s.",
-              "", "| budget MB | ms/image warm | peak RSS MB | plan |", "|---|---|---|---|"]
+              "", "| budget MB | ms/image warm | CPU ms/image warm | peak RSS MB | plan |", "|---|---|---|---|---|"]
     for s in r["sweep"]:
-        lines.append(f"| {s['budget_mb']} | {_fmt(_warm_ms(s))} | {_fmt(s.get('peak_rss_mb'))} | "
+        lines.append(f"| {s['budget_mb']} | {_fmt(_warm_ms(s))} | {_fmt(_warm_cpu_ms(s))} | {_fmt(s.get('peak_rss_mb'))} | "
                      f"{s.get('plan', s.get('error'))} |")
-    lines += ["", "| steps | ms/image warm |", "|---|---|"]
-    lines += [f"| {s['steps']} | {_fmt(_warm_ms(s))} |" for s in r["steps_sweep"]]
+    lines += ["", "| steps | ms/image warm | CPU ms/image warm |", "|---|---|---|"]
+    lines += [f"| {s['steps']} | {_fmt(_warm_ms(s))} | {_fmt(_warm_cpu_ms(s))} |" for s in r["steps_sweep"]]
     c1, call = limit.get("ceiling_1_core", {}), limit.get("ceiling_all_cores", {})
     lines += ["", "## Limit", "",
               f"One denoiser call costs {_fmt(limit.get('macs_per_block', 0) / 1e6, '.2f')} M MACs per block as its "
@@ -411,6 +461,9 @@ def _write_md(r: dict) -> None:
               f"| all {limit.get('cores')} cores (a thread per core on its share of the blocks) | {_fmt(limit.get('call_ms_all_cores'))} | "
               f"{_fmt(limit.get('gops_all_cores'))} | {_fmt(limit.get('executed_gops_all_cores'))} | "
               f"{_fmt(call.get('int8_gops'))} | {_fmt(ratios.get('gops_share_of_int8_peak_all_cores', 0) * 100, '.0f')}% |",
+              f"| one core, CPU time of the calling thread (both sides) | {_fmt(limit.get('call_cpu_ms_1_thread'))} | "
+              f"{_fmt(limit.get('gops_1_thread_cpu'))} | | {_fmt(c1.get('int8_gops_cpu'))} | "
+              f"{_fmt((ratios.get('gops_share_of_int8_peak_1_core_cpu_time') or 0) * 100, '.0f')}% |",
               "", f"fp32 peak on the same conv: {_fmt(c1.get('fp32_gops'))} GOPS on one core, "
               f"{_fmt(call.get('fp32_gops'))} on all cores.", "",
               "Ratios: " + ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in ratios.items())]
