@@ -59,13 +59,7 @@ def _wall_and_cpu(run, repeats: int = 3) -> tuple[float, float]:
 def _thread_cpu_seconds(call, repeats: int) -> float:
     """Median CPU seconds of the calling thread per `call()` (a single-threaded onnxruntime
     session runs every kernel there), after one warm-up call."""
-    call()
-    times = []
-    for _ in range(repeats):
-        t0 = time.thread_time()
-        call()
-        times.append(time.thread_time() - t0)
-    return float(np.median(times))
+    return median_seconds(call, repeats, warmup=1, clock=time.thread_time)
 
 
 def _recipe(path: str):
