@@ -1,7 +1,7 @@
 """How the denoiser's work is spread over the CPU's cores: the sessions and the threading plan.
 
 One denoiser call of a shipped model is about 200 kernels of about 30 us. onnxruntime's
-intra-op threads fork and join around every kernel, so 2 intra-op threads measured 0.42-0.81x
+intra-op threads fork and join around every kernel, so 2 intra-op threads measured 0.36-0.81x
 one thread on a busy machine and 0.45-0.54x with both cores free (`rissole-edge bench`,
 benchmarks/results/threads.md). Blocks are independent, so the parallelism that
 pays is across blocks: worker threads take whole chunks of blocks from one queue and carry
