@@ -67,17 +67,23 @@ def _plans(cfg: dict) -> dict:
     out: dict = {"config": cfg, "cores": workers.cores(), "generate_ms_per_image": {}, "calls_ms": {}}
     for n in cfg["sizes"]:
         times: dict[str, list[float]] = {name: [] for name in gens}
+        cpu: dict[str, list[float]] = {name: [] for name in gens}
         chosen = []
         for r in range(rounds):
             # The order turns each round, so that no option always runs right after the 2-thread
             # one (whose extra CPU time the scheduler then gives back to the other jobs).
             order = list(gens)[r % len(gens):] + list(gens)[:r % len(gens)]
             for name, gen in ((name, gens[name]) for name in order):
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 gen.generate(n, seed=r, steps=cfg["steps"], as_array=True)
                 times[name].append((time.perf_counter() - t0) * 1e3 / n)
+                cpu[name].append((time.process_time() - c0) * 1e3 / n)
             chosen.append(gens["default"].last_workers)
-        out["generate_ms_per_image"][f"n={n} ({n * spec.positions} blocks)"] = _default_summary(times, chosen)
+        row = _default_summary(times, chosen)
+        # CPU time of all the process's threads: at 1 thread the work itself, whatever share of
+        # a core the machine's other jobs left (comparable across processes run at other times).
+        row["cpu_median"] = {k: round(statistics.median(v), 4) for k, v in cpu.items()}
+        out["generate_ms_per_image"][f"n={n} ({n * spec.positions} blocks)"] = row
 
     one = gens["1 thread"].denoiser                 # every Generator's sessions are single-threaded
     inputs = {i.name for i in one.get_inputs()}
