@@ -317,6 +317,7 @@ def test_bench_quick_smoke(tiny_bundle):
     for row in plans["generate_ms_per_image"].values():     # the tiny model's calls are too small to split
         assert set(row["default_workers"]) == {1} and row["default_is"] == "1 thread"
         assert isinstance(row["default_is_fastest"], bool) and row["default_vs_the_other_plan"] > 0
+        assert set(row["cpu_median"]) == set(row["median"]) and all(v > 0 for v in row["cpu_median"].values())
 
 
 @pytest.mark.parametrize("name,extra,size,mode", [
