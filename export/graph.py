@@ -190,6 +190,13 @@ def _attr(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def _set_axis(node: onnx.NodeProto, axis: int) -> None:
+    """Set a (De)QuantizeLinear's axis, replacing any it has."""
+    for a in [a for a in node.attribute if a.name == "axis"]:
+        node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute("axis", axis))
+
+
 # ------------------------------------------------------------------ rewrites
 
 def expand_broadcasts(model: bytes, shapes: Shapes, max_positions: int = 64) -> bytes:
@@ -393,11 +400,15 @@ def widen_narrow_convs(model: bytes, shapes: Shapes, narrow: int = 3, width: int
             continue
         channels = dq_arrays[0][0].shape[0]
         for dq, arrays in zip((w_dq, b_dq), dq_arrays):
+            per_channel = arrays[1].ndim == 1
             for slot, a in enumerate(arrays):
-                if slot == 0 or a.ndim == 1:           # values, and per-channel scales / zero points
+                if slot == 0 or per_channel:           # values, and per-channel scales / zero points
+                    a = np.broadcast_to(a, (channels,)) if slot > 0 else a   # a scalar zero point beside a (1,) scale
                     fill = a[-1] if slot == 1 else 0  # a scale must not be 0; the filters are
                     padded = np.concatenate([a, np.full((width - channels,) + a.shape[1:], fill, a.dtype)])
                     dq.input[slot] = g.add_initializer(padded, f"{dq.input[slot]}_wide")
+            if per_channel:     # a (1,) scale may have been per-tensor (no axis): now it is per output channel
+                _set_axis(dq, 0)
         q, stem = users[0], conv.name.strip("/").replace("/", "_")
         wide = g.fresh(f"{stem}_wide")
         kept = [g.add_initializer(np.array([v], np.int64), f"{stem}_{hint}")

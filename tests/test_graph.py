@@ -178,15 +178,19 @@ def test_static_reshapes_leave_graphs_with_free_spatial_axes_alone(tiny_int8: by
     assert graph.static_reshapes(tiny_int8, graph.value_shapes(tiny_int8)) != tiny_int8
 
 
-def test_decoder_rewrites_are_bit_identical_and_do_what_they_say() -> None:
-    """An int8 decoder of random weights (RGB, 16x16 latent, as twemoji's): the codebook
-    lookup's computed reshape targets and every GroupNorm's become constants (no Shape kernel
-    is left), the 3-channel output conv gets 16 filters and a Slice, and no output bit moves."""
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decoder_rewrites_are_bit_identical_and_do_what_they_say(channels: int) -> None:
+    """An int8 decoder of random weights (16x16 latent; RGB as twemoji's, grey as
+    fashion-mnist's, whose 1-filter conv has per-tensor scales): the codebook lookup's computed
+    reshape targets and every GroupNorm's become constants (no Shape kernel is left), the
+    output conv gets 16 filters and a Slice, and no output bit moves. The rewritten graph must
+    also run unoptimised: onnxruntime's int8 conv fusion skips its DequantizeLinear nodes, so a
+    bad per-channel scale or zero point only shows there."""
     from rissole_export.autoencoder import VQAutoencoder
     from rissole_export.config import AutoencoderConfig
 
     torch.manual_seed(0)
-    ae = VQAutoencoder(3, AutoencoderConfig(channels=8, channel_mult=(1, 2), latent_channels=4, codebook_size=32))
+    ae = VQAutoencoder(channels, AutoencoderConfig(channels=8, channel_mult=(1, 2), latent_channels=4, codebook_size=32))
     rng = np.random.default_rng(0)
     feeds = [{"latent": rng.standard_normal((4, 4, 16, 16)).astype(np.float32)} for _ in range(3)]
     decoder, _ = quantize.quantize(onnx_export.decoder(ae.eval(), 1.0, 16), feeds, "x86")
@@ -203,6 +207,10 @@ def test_decoder_rewrites_are_bit_identical_and_do_what_they_say() -> None:
     assert min(out_channels) == 8 and out_channels[-1] == 16 and ops.count("Slice") == 1
     assert graph.optimize_decoder(rewritten)[0] == rewritten                   # a second pass changes nothing
     onnx.checker.check_model(proto, full_check=True)
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    out = ort.InferenceSession(rewritten, plain, providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    assert out.shape == (4, channels, 32, 32)
 
 
 def test_a_wrong_rewrite_is_caught(tiny: UNet, tiny_int8: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
