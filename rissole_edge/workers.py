@@ -37,6 +37,12 @@ from .onnx_guard import check_self_contained
 # `rissole-edge bench` on a shared 2-core x86_64 machine (benchmarks/results/threads.md: 2 workers
 # gained 1.03-1.44x at 1.6 ms each, lost 0.87x at 0.4 ms each).
 MIN_WORK_PER_WORKER_MS = 1.0
+# onnxruntime's NHWC layout transformer wraps every int8 conv in Transposes (36 kernels per
+# fashion denoiser call); its int8 conv transposes inside the kernel when left in NCHW. Without
+# the transformer the same outputs came faster, in thread CPU time of interleaved calls: the
+# fashion denoiser 0.95x at 4 rows, 0.98x at 32, 0.99x at 256; twemoji's 1.00x and 0.98x; the
+# decoders 0.94-0.96x.
+DISABLED_OPTIMIZERS = ["NhwcTransformer"]
 PROBE_ROWS = 8               # rows of the calls timed at open
 PROBE_CALLS = 5              # their least time counts (one call's CPU time varied 0.55-0.89 ms at load 4.5)
 IDLE_REUSE_S = 0.5           # seconds a reading of the idle cores is used again
@@ -92,7 +98,8 @@ def session(bundle: Bundle, member: str) -> ort.InferenceSession:
     # benchmarks/results/memory.md). Its arena stays on: without it the peak rose by 4 MB.
     options.enable_mem_pattern = False
     try:
-        made = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        made = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=DISABLED_OPTIMIZERS)
     except Exception as e:   # onnxruntime raises its own untyped errors on bad graphs
         raise BundleError(f"the bundle's {name} does not load in onnxruntime: {first_line(e)}") from None
     del model
