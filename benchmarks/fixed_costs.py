@@ -42,7 +42,7 @@ from rissole_edge import budget, images, rng
 from rissole_edge.generator import Generator
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ROWS = ["models/fashion-mnist-4step.rissole:4:ddim", "models/fashion-mnist.rissole:20:dpmpp-3m",
+DEFAULT_ROWS = ["models/fashion-mnist-4step.rissole:4:ddim", "models/fashion-mnist.rissole:20:dpmpp-2m",
                 "models/fashion-mnist.rissole:50:ddim", "models/twemoji.rissole:4:ddim",
                 "models/twemoji-teacher.rissole:20:dpmpp-2m", "models/twemoji-teacher.rissole:50:ddim"]
 
