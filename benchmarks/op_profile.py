@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from rissole_edge import workers
 from rissole_edge.bundle import Bundle, Spec
 from rissole_export import graph
 
@@ -55,7 +56,8 @@ def _session(model: bytes, profile_dir: str | None = None) -> ort.InferenceSessi
     if profile_dir:
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(profile_dir, "profile")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=workers.DISABLED_OPTIMIZERS)   # as the runtime runs it
 
 
 def _kind(event: dict) -> str:

@@ -226,6 +226,7 @@ def child_denoiser_gops(a: dict) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     import onnxruntime as ort
+    from rissole_edge import workers
     from rissole_edge.bundle import Bundle, Spec
     from rissole_export import graph
     b = Bundle.open(a["bundle"])
@@ -237,7 +238,8 @@ def child_denoiser_gops(a: dict) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=workers.DISABLED_OPTIMIZERS)     # as the runtime runs it
     c, s = spec.latent_channels, spec.block_side
     feeds = {"x": np.zeros((CALL_BLOCKS, c, s, s), np.float32), "t": np.full(CALL_BLOCKS, 500.0, np.float32),
              "pos": np.zeros(CALL_BLOCKS, np.int64), "cond": np.zeros((CALL_BLOCKS, spec.k * c, s, s), np.float32)}
