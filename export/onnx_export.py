@@ -15,6 +15,8 @@ import onnx
 import torch
 from torch import nn
 
+from rissole_edge.errors import UsageError
+
 from .autoencoder import VQAutoencoder
 from .denoiser import UNet
 
@@ -61,6 +63,9 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
 
 
 def denoiser(net: UNet) -> bytes:
+    if net.border:
+        raise UsageError("this denoiser is border-conditioned (denoiser.border > 0), which bundles and the "
+                         "runtime do not carry yet: export or distil a run trained with denoiser.border = 0")
     c, s = net.latent_channels, net.block_size
     args = (torch.randn(2, c, s, s), torch.tensor([10.0, 500.0]), torch.tensor([0, net.positions - 1]))
     inputs = ["x", "t", "pos"]

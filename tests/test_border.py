@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rissole_export import config, denoiser, train
+from rissole_edge.errors import UsageError
+from rissole_export import config, denoiser, onnx_export, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
@@ -95,3 +96,8 @@ def test_border_is_refused_for_the_whole_latent_model():
         config.resolve("tiny", {"denoiser": {"kind": "whole", "border": 1}})
     with pytest.raises(config.ConfigError, match="denoiser.border"):
         config.resolve("tiny", {"denoiser": {"border": -1}})
+
+
+def test_a_border_conditioned_denoiser_is_refused_by_the_exporter_in_one_line():
+    with pytest.raises(UsageError, match="denoiser.border = 0"):
+        onnx_export.denoiser(_net())
