@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = ROOT / "models" / "twemoji-teacher.rissole"
 RECIPE = ROOT / "models" / "twemoji-teacher.toml"
 CHUNK = 100               # images per sampling call: bounds memory
+BOOTSTRAP = 200           # resamples of the seam-ratio intervals
 
 
 def base_config() -> config.RunConfig:
@@ -67,6 +68,19 @@ def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dic
     return {"row": row, "steps": steps, "border": cfg.denoiser.border, "seconds": round(time.monotonic() - began, 1)}
 
 
+def seam_interval(sets: list[np.ndarray], seed: int) -> list[float]:
+    """95% bootstrap interval (images resampled, BOOTSTRAP times) of the seam ratio of one set,
+    or of the difference second - first of two sets of the same queries and noise (paired:
+    the same images are drawn from both)."""
+    r = np.random.default_rng(seed)
+    values = []
+    for _ in range(BOOTSTRAP):
+        pick = r.integers(0, len(sets[0]), len(sets[0]))
+        ratios = [evaluate.seam_ratio(images[pick], 2) for images in sets]
+        values.append(ratios[-1] - ratios[0] if len(ratios) == 2 else ratios[0])
+    return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
+
+
 def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]:
     start = teacher.from_bundle(BUNDLE, base_config())
     images = data.load("twemoji", base_config().data)
@@ -84,23 +98,34 @@ def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]
                  "block_agreement": evaluate.block_agreement(evaluate._unit(control), train_px, 2),
                  "block_agreement_test": evaluate.block_agreement(evaluate._unit(test), train_px, 2)}]
         ids = np.random.default_rng(seed).integers(0, len(start.latents), n).tolist()
+        outputs: list[np.ndarray] = []
         for run in runs:
             cfg = config.load(run / "config.json")
             net = denoiser.build(cfg.denoiser, start.latents.shape[2], start.latents.shape[-1] * cfg.denoiser.blocks_per_side)
             net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
             net.eval()
             began = time.monotonic()
-            generated = np.concatenate([
-                decode(generate_latents(net, start.latents, start.neighbours, Diffusion(cfg.denoiser.schedule, cfg.denoiser.timesteps), ids[i:i + CHUNK],
-                                        seed * 1000 + i // CHUNK, steps, "ddim", start.guidance))
-                for i in range(0, n, CHUNK)])
+            kept = run / f"generated-n{n}-seed{seed}-steps{steps}.npy"      # kept beside the run, for re-analysis
+            if kept.exists():
+                generated = np.load(kept, allow_pickle=False)
+            else:
+                diffusion = Diffusion(cfg.denoiser.schedule, cfg.denoiser.timesteps)
+                generated = np.concatenate([
+                    decode(generate_latents(net, start.latents, start.neighbours, diffusion, ids[i:i + CHUNK],
+                                            seed * 1000 + i // CHUNK, steps, "ddim", start.guidance))
+                    for i in range(0, n, CHUNK)])
+                np.save(kept, generated)
+            outputs.append(generated)
             rows.append({"row": str(run), "trained_steps": checkpoint.step_of(run / "denoiser.safetensors"),
                          "border": cfg.denoiser.border, "n": n, "ddim_steps": steps, "guidance": start.guidance,
                          "seam_ratio": evaluate.seam_ratio(generated, 2),
                          "seam_ratio_over_control": evaluate.seam_ratio(generated, 2) / rows[0]["seam_ratio"],
                          "fd_effnetlite0_vs_test": evaluate.frechet_distance(evaluate.features(generated), f_test),
                          "block_agreement": evaluate.block_agreement(evaluate._unit(generated), train_px, 2),
+                         "seam_ratio_95": seam_interval([generated], seed),
                          "generate_seconds": round(time.monotonic() - began, 1)})
+            if len(outputs) > 1:
+                rows[-1]["seam_ratio_minus_first_run_95"] = seam_interval([outputs[0], generated], seed)
             save_grid = ROOT / "benchmarks" / "ablations" / f"seams-{run.name}.png"
             train.save_grid(generated[:64], save_grid)
     return rows
