@@ -255,7 +255,8 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
 
     def preview(ema: denoiser.UNet, step: int) -> None:
         m = RunModels(ctx.cfg, ae, ema, db, latents, diffusion)
-        save_grid(generate(m, preview_ids, seed=ctx.cfg.seed, steps=25), ctx.run / "samples" / f"denoiser-{step:06d}.png")
+        images = generate(m, preview_ids, seed=ctx.cfg.seed, steps=25)
+        save_grid(images, ctx.run / "samples" / f"denoiser-{step:06d}.png")
 
     fit_denoiser(ctx, net, latents, np.asarray(db.neighbours), preview)
     return {"parameters": count_parameters(net)}

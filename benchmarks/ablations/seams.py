@@ -1,7 +1,7 @@
 """Seams at 64x64: does border-strip conditioning (denoiser.border) remove them? (issue 17, item 2)
 
-The twemoji run behind the shipped teacher bundle (twemoji-teacher) is not kept, and its autoencoder costs more than this
-ablation may spend, so both rows are fine-tunes of the shipped bundle's denoiser on the
+The twemoji run behind the shipped teacher bundle (twemoji-teacher) is not kept, and its
+autoencoder costs more than this ablation may spend, so both rows are fine-tunes of the shipped bundle's denoiser on the
 bundle's own latents and neighbour lists (export/teacher.py rebuilds all three from the
 bundle): the same start, steps, batch, seed and learning rate for both. The border row's
 window convolution starts at zero, so both rows start as the same network. Images are decoded
@@ -13,7 +13,8 @@ encoder and decoder, as `evaluate` measures it.
     python benchmarks/ablations/seams.py evaluate RUN... [-n 1000] [--json OUT]
 
 Training checkpoints every 500 steps and continues with --resume; one torch thread (the
-machine is shared). `evaluate` prints one JSON object per run.
+machine is shared). `evaluate` prints one JSON object per run (and the control), keeps the
+images beside each run and draws the first 64 as a grid beside --json.
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def base_config() -> config.RunConfig:
     return config.resolve("small", config.read_config_file(RECIPE))
 
 
+def build_net(cfg: config.RunConfig, start: teacher.Teacher) -> denoiser.UNet:
+    """The denoiser of `cfg` for the teacher's latent geometry (fresh weights)."""
+    _, _, channels, side, _ = start.latents.shape
+    return denoiser.build(cfg.denoiser, channels, side * cfg.denoiser.blocks_per_side)
+
+
 def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dict:
     base = base_config()
     cfg = base_config()
@@ -51,11 +58,12 @@ def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dic
     cfg.denoiser.border = border if row == "border" else 0
     cfg.data.source = "twemoji"
     if (out / "denoiser.safetensors").exists() and not resume:
-        sys.exit(f"{out} holds a checkpoint: pass --resume to continue it")
+        print(f"{out} holds a checkpoint: pass --resume to continue it", file=sys.stderr)
+        sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "config.json")
     start = teacher.from_bundle(BUNDLE, base)
-    net = denoiser.build(cfg.denoiser, start.latents.shape[2], start.latents.shape[-1] * cfg.denoiser.blocks_per_side)
+    net = build_net(cfg, start)
     missing, unexpected = net.load_state_dict(start.net.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("border_in.") for k in missing), (missing, unexpected)
     ctx = train.Context(out, cfg, None, progress=True)
@@ -81,7 +89,9 @@ def seam_interval(sets: list[np.ndarray], seed: int) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
 
 
-def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]:
+def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int, grids: Path | None) -> list[dict]:
+    """One row per run and the control row; the first 64 images of each run go to
+    grids/seams-RUN.png (into the run itself without `grids`)."""
     start = teacher.from_bundle(BUNDLE, base_config())
     images = data.load("twemoji", base_config().data)
     test = images.test
@@ -101,7 +111,7 @@ def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]
         outputs: list[np.ndarray] = []
         for run in runs:
             cfg = config.load(run / "config.json")
-            net = denoiser.build(cfg.denoiser, start.latents.shape[2], start.latents.shape[-1] * cfg.denoiser.blocks_per_side)
+            net = build_net(cfg, start)
             net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
             net.eval()
             began = time.monotonic()
@@ -126,8 +136,7 @@ def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int) -> list[dict]
                          "generate_seconds": round(time.monotonic() - began, 1)})
             if len(outputs) > 1:
                 rows[-1]["seam_ratio_minus_first_run_95"] = seam_interval([outputs[0], generated], seed)
-            save_grid = ROOT / "benchmarks" / "ablations" / f"seams-{run.name}.png"
-            train.save_grid(generated[:64], save_grid)
+            train.save_grid(generated[:64], (grids or run) / f"seams-{run.name}.png")
     return rows
 
 
@@ -151,7 +160,7 @@ def main() -> None:
     if args.command == "train":
         print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.resume)))
         return
-    rows = evaluate_runs(args.runs, args.n, args.seed, args.steps)
+    rows = evaluate_runs(args.runs, args.n, args.seed, args.steps, args.json.parent if args.json else None)
     text = json.dumps(rows, indent=2) + "\n"
     if args.json:
         args.json.write_text(text)
