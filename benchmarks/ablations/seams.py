@@ -10,6 +10,7 @@ encoder and decoder, as `evaluate` measures it.
 
     python benchmarks/ablations/seams.py train --row baseline --out RUN [--steps N] [--resume]
     python benchmarks/ablations/seams.py train --row border --out RUN [--border 2] ...
+    python benchmarks/ablations/seams.py start --out RUN      # the teacher's weights as a step-0 run
     python benchmarks/ablations/seams.py evaluate RUN... [-n 1000] [--json OUT]
 
 Training checkpoints every 500 steps and continues with --resume; one torch thread (the
@@ -20,6 +21,7 @@ images beside each run and draws the first 64 as a grid beside --json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -89,6 +91,16 @@ def seam_interval(sets: list[np.ndarray], seed: int) -> list[float]:
     return [round(float(v), 4) for v in np.percentile(values, [2.5, 97.5])]
 
 
+def save_start(out: Path) -> None:
+    """The teacher's own weights (model and EMA) as a run at step 0: the row both fine-tunes start from."""
+    cfg = base_config()
+    cfg.data.source = "twemoji"
+    start = teacher.from_bundle(BUNDLE, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(cfg, out / "config.json")
+    checkpoint.save(out / "denoiser.safetensors", 0, {"model": start.net, "ema": copy.deepcopy(start.net)}, {})
+
+
 def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int, grids: Path | None) -> list[dict]:
     """One row per run and the control row; the first 64 images of each run go to
     grids/seams-RUN.png (into the run itself without `grids`)."""
@@ -149,6 +161,7 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=6000)
     t.add_argument("--border", type=int, default=2)
     t.add_argument("--resume", action="store_true")
+    sub.add_parser("start").add_argument("--out", type=Path, required=True)
     e = sub.add_parser("evaluate")
     e.add_argument("runs", type=Path, nargs="+")
     e.add_argument("-n", type=int, default=1000)
@@ -157,6 +170,9 @@ def main() -> None:
     e.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(1)
+    if args.command == "start":
+        save_start(args.out)
+        return
     if args.command == "train":
         print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.resume)))
         return
