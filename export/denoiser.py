@@ -145,3 +145,15 @@ def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: 
                  cond: torch.Tensor | None, noise: torch.Tensor,
                  window: torch.Tensor | None = None) -> torch.Tensor:
     return F.mse_loss(model(x_noisy, t, pos, cond, window), noise)
+
+
+def seam_loss(first: torch.Tensor, second: torch.Tensor, vertical: torch.Tensor) -> torch.Tensor:
+    """Border consistency of adjacent blocks of one image: `first`/`second` (N, C, s, s) are the
+    epsilon errors (prediction - noise) of the left/upper and right/lower block of each pair,
+    `vertical` (N,) bool says the pair is stacked. Their x0 errors are -sqrt((1-a)/a) times these,
+    so the mean squared difference of the errors on the two latent rows (columns) that meet at
+    the shared edge is the SNR-weighted squared error of the predicted step across the seam: 0
+    when both sides err alike (no visible seam), in the denoising loss's own units."""
+    v = vertical[:, None, None]
+    return F.mse_loss(torch.where(v, first[..., -1, :], first[..., :, -1]),
+                      torch.where(v, second[..., 0, :], second[..., :, 0]))

@@ -265,17 +265,28 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
 def noisy_batch(diffusion: Diffusion, images: torch.Tensor, pos: torch.Tensor, t: torch.Tensor,
                 g: torch.Generator, border: int, blocks_per_side: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x_t of block `pos`, its noise, its window or None) for latents `images` (batch, P, C, s, s).
+    """(x_t of block `pos`, its noise, its window or None) for latents `images` (batch, P, C, s, s);
+    `pos` (batch, m) takes m blocks of each image, flattened image-major.
     With `border` the whole latent of each image is noised at its one timestep, so the strips
     of the adjacent blocks in the window are what sampling gives the block: x_t at the same t."""
-    rows = torch.arange(len(images), device=images.device)
+    rows = torch.arange(len(images), device=images.device).view(-1, *[1] * (pos.dim() - 1))
     if not border:
         x0 = images[rows, pos]
         noise = torch.randn(x0.shape, generator=g).to(images.device)
-        return diffusion.add_noise(x0, t, noise), noise, None
+        return diffusion.add_noise(x0, t, noise).flatten(0, pos.dim() - 1), noise.flatten(0, pos.dim() - 1), None
     noise = torch.randn(images.shape, generator=g).to(images.device)
     x_t = diffusion.add_noise(images, t, noise)
-    return x_t[rows, pos], noise[rows, pos], denoiser.windows(x_t, blocks_per_side, border)[rows, pos]
+    picked = (x_t[rows, pos], noise[rows, pos], denoiser.windows(x_t, blocks_per_side, border)[rows, pos])
+    return tuple(x.flatten(0, pos.dim() - 1) for x in picked)
+
+
+def adjacent_pairs(blocks_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """((m, 2) positions of every pair of adjacent blocks, left/upper first; (m,) True where the
+    pair is stacked): what the seam loss draws from."""
+    b = blocks_per_side
+    across = [(r * b + col, r * b + col + 1) for r in range(b) for col in range(b - 1)]
+    down = [(r * b + col, (r + 1) * b + col) for r in range(b - 1) for col in range(b)]
+    return torch.tensor(across + down, dtype=torch.long), torch.tensor([False] * len(across) + [True] * len(down))
 
 
 def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighbours: np.ndarray,
@@ -298,27 +309,41 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
     n, positions, c, s, _ = latents.shape
     b = int(round(positions ** 0.5))
     batch = max(1, cfg.batch_size // ctx.world)
+    pairs, vertical = adjacent_pairs(b)
 
     def save(step: int) -> None:
         ctx.save("denoiser", step, modules, optimizers)
 
     for step in ctx.loop("denoiser", start, cfg.steps, save):
         g = ctx.generator("denoiser", step)
-        idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
-        pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
+        if cfg.seam_loss:       # batch // 2 images, one adjacent pair of blocks each
+            idx = torch.randint(n, (batch // 2,), generator=g).repeat_interleave(2).to(ctx.device)
+            pick = torch.randint(len(pairs), (batch // 2,), generator=g)
+            pos = pairs[pick].reshape(-1).to(ctx.device)
+        else:
+            idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
+            pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
         cond = None
         if net.k:
             # k of the `window` nearest, in rank order: the same rule as at sampling time
-            ranks = torch.rand(batch, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
-            nb = neighbours[idx[:, None], ranks.to(ctx.device)]                     # (batch, k)
-            cond = latents[nb, pos[:, None]].reshape(batch, net.k * c, s, s)
+            m = len(idx)
+            ranks = torch.rand(m, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
+            nb = neighbours[idx[:, None], ranks.to(ctx.device)]                     # (m, k)
+            cond = latents[nb, pos[:, None]].reshape(m, net.k * c, s, s)
             if cfg.cond_noise:
                 cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(ctx.device)
-            keep = (torch.rand(batch, generator=g) >= cfg.cond_drop).float().to(ctx.device)
+            keep = (torch.rand(m, generator=g) >= cfg.cond_drop).float().to(ctx.device)
             cond = cond * keep[:, None, None, None]
-        t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
-        x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b)
-        loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
+        if cfg.seam_loss:       # both blocks of a pair from one noisy latent, at one timestep
+            t = torch.randint(cfg.timesteps, (batch // 2,), generator=g).to(ctx.device)
+            x_t, noise, window = noisy_batch(diffusion, latents[idx[::2]], pos.view(-1, 2), t, g, net.border, b)
+            t = t.repeat_interleave(2)
+            error = model(x_t, t.float(), pos, cond, window) - noise
+            loss = error.pow(2).mean() + cfg.seam_loss * denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
+        else:
+            t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
+            x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b)
+            loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

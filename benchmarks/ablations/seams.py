@@ -10,6 +10,7 @@ encoder and decoder, as `evaluate` measures it.
 
     python benchmarks/ablations/seams.py train --row baseline --out RUN [--steps N] [--resume]
     python benchmarks/ablations/seams.py train --row border --out RUN [--border 2] ...
+    python benchmarks/ablations/seams.py train --row seamloss --out RUN [--border 2] [--seam-loss 0.25] ...
     python benchmarks/ablations/seams.py start --out RUN      # the teacher's weights as a step-0 run
     python benchmarks/ablations/seams.py evaluate RUN... [-n 1000] [--json OUT]
 
@@ -53,11 +54,12 @@ def build_net(cfg: config.RunConfig, start: teacher.Teacher) -> denoiser.UNet:
     return denoiser.build(cfg.denoiser, channels, side * cfg.denoiser.blocks_per_side)
 
 
-def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dict:
+def train_row(row: str, out: Path, steps: int, border: int, seam_loss: float, resume: bool) -> dict:
     base = base_config()
     cfg = base_config()
     cfg.denoiser.steps = steps
-    cfg.denoiser.border = border if row == "border" else 0
+    cfg.denoiser.border = border if row in ("border", "seamloss") else 0
+    cfg.denoiser.seam_loss = seam_loss if row == "seamloss" else 0.0
     cfg.data.source = "twemoji"
     if (out / "denoiser.safetensors").exists() and not resume:
         print(f"{out} holds a checkpoint: pass --resume to continue it", file=sys.stderr)
@@ -75,7 +77,8 @@ def train_row(row: str, out: Path, steps: int, border: int, resume: bool) -> dic
             train.fit_denoiser(ctx, net, start.latents, start.neighbours)
         except train.Stopped as e:
             return {"row": row, "status": str(e)}
-    return {"row": row, "steps": steps, "border": cfg.denoiser.border, "seconds": round(time.monotonic() - began, 1)}
+    return {"row": row, "steps": steps, "border": cfg.denoiser.border, "seam_loss": cfg.denoiser.seam_loss,
+            "seconds": round(time.monotonic() - began, 1)}
 
 
 def seam_interval(sets: list[np.ndarray], seed: int) -> list[float]:
@@ -156,10 +159,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--row", choices=("baseline", "border"), required=True)
+    t.add_argument("--row", choices=("baseline", "border", "seamloss"), required=True)
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--steps", type=int, default=6000)
     t.add_argument("--border", type=int, default=2)
+    t.add_argument("--seam-loss", type=float, default=0.25, help="seamloss row: weight of denoiser.seam_loss")
     t.add_argument("--resume", action="store_true")
     sub.add_parser("start").add_argument("--out", type=Path, required=True)
     e = sub.add_parser("evaluate")
@@ -174,7 +178,7 @@ def main() -> None:
         save_start(args.out)
         return
     if args.command == "train":
-        print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.resume)))
+        print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.seam_loss, args.resume)))
         return
     rows = evaluate_runs(args.runs, args.n, args.seed, args.steps, args.json.parent if args.json else None)
     text = json.dumps(rows, indent=2) + "\n"
