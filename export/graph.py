@@ -462,16 +462,31 @@ def same_outputs(a: bytes, b: bytes, feeds: dict[str, np.ndarray]) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(*runs))
 
 
+def runs_unoptimised(model: bytes, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether onnxruntime runs the graph node by node (no graph optimisation). A rewritten
+    graph can be invalid where its fusions hide it: the int8 conv fusion never runs a conv's
+    weight and bias DequantizeLinear nodes, so a wrong axis or zero point there only fails here."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    except Exception:        # onnxruntime raises its own untyped errors on bad graphs
+        return False
+    return True
+
+
 def _exact_rewrites(model: bytes, names: tuple[str, ...] | list[str]) -> tuple[bytes, list[str]]:
     """The model with each named rewrite applied in turn, kept only if the graph stays
-    bit-identical to the input on random calls of 1 and 37 items: a rewrite that would change
-    one output bit (on some target or onnxruntime version) is left out, never shipped; and the
+    bit-identical to the input on random calls of 1 and 37 items and still runs unoptimised: a
+    rewrite that would change one output bit (on some target or onnxruntime version), or leave
+    a graph that only onnxruntime's fusions make runnable, is left out, never shipped; and the
     names kept."""
     checks = [_random_feeds(model, batch, seed) for batch, seed in ((1, 0), (37, 1))]
     applied, current = [], model
     for name in names:
         candidate = rewrite(current, [name])
-        if all(same_outputs(model, candidate, feeds) for feeds in checks):
+        if all(same_outputs(model, candidate, feeds) for feeds in checks) and runs_unoptimised(candidate, checks[0]):
             applied, current = applied + [name], candidate
     return current, applied
 
