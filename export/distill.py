@@ -323,8 +323,10 @@ def _finish(out: Path, source: Path, cfg: config.RunConfig, ema: torch.nn.Module
 
 
 def made_from_bundle(run: Path) -> bool:
-    """Whether `run` is a student of a bundle (exported by `export_over_bundle`)."""
-    return (Path(run) / SETTINGS_FILE).exists() and (Path(run) / TEACHER_BUNDLE).exists()
+    """Whether `run` was made from a bundle (exported by `export_over_bundle`): a student of it,
+    or a fine-tune of its denoiser (benchmarks/ablations/seams.py) that holds a copy of it as
+    teacher.rissole beside config.json and denoiser.safetensors."""
+    return (Path(run) / TEACHER_BUNDLE).exists()
 
 
 def distilled_fields(run: Path, guidance: float = 1.0) -> dict | None:
@@ -358,8 +360,10 @@ class _Recording:
 
 def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration_samples: int, log,
                        signing_key: bytes | None, guidance: float) -> dict:
-    """The teacher bundle with the student as its denoiser: decoder, encoder, database and every
-    other manifest field are the teacher's, so nothing but the denoiser can differ."""
+    """The teacher bundle with the student (or a fine-tune of the teacher's denoiser) as its
+    denoiser: decoder, encoder, database and every other manifest field are the teacher's, so
+    nothing but the denoiser (and `denoiser.border`, the new one's) can differ. A fine-tune
+    keeps the teacher's recommended sampling; `guidance` other than 1 replaces its guidance."""
     from .exporter import PARITY_IMAGES, _psnr
     from rissole_edge.generator import Generator
 
@@ -368,22 +372,28 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
         raise UsageError(f"{run}: the distillation is not finished: continue it with 'rissole-edge distill ... --resume'")
     if mode not in ("int8", "fp32") or target not in quantize.TARGETS:
         raise UsageError(f"--quantize must be int8 or fp32 and --target one of {', '.join(quantize.TARGETS)}")
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
     if not out.parent.is_dir() or out.is_dir():
         raise UsageError(f"cannot write {out}: not a file in an existing folder")
-    fields = distilled_fields(run, guidance)
-    steps = fields["sampling"]["steps"]
+    fields = distilled_fields(run, guidance)         # None: a fine-tune, not a student
     teacher = Bundle.open(run / TEACHER_BUNDLE)
     manifest, members = pack.contents(teacher)
     for stale in ("graph", "parity"):     # measured on the teacher's denoiser, remeasured below
         manifest.pop(stale, None)
     spec = Spec.from_manifest(teacher.manifest)
+    steps = fields["sampling"]["steps"] if fields else spec.steps
     net = denoiser.build(config.load(run / "config.json").denoiser, spec.latent_channels, spec.latent_side)
     net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
     fp32 = onnx_export.denoiser(net.eval())
-    manifest.update(fields, name=out.stem, tool_version=rissole_edge.__version__,
+    manifest.update(fields or {}, name=out.stem, tool_version=rissole_edge.__version__,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),
-                                 teacher_sha256=hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest())
+    manifest["denoiser"] = {**manifest.get("denoiser", {}), "border": net.border}
+    if fields:
+        manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),
+                                     teacher_sha256=hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest())
+    elif guidance != 1.0:
+        manifest["sampling"] = {**manifest.get("sampling", {}), "guidance": guidance}
     quant = dict(teacher.manifest.get("quantization", {"mode": "fp32"}))
     fp32_bundle = Bundle.in_memory({**manifest, "quantization": quant}, {**members, "denoiser.onnx": fp32})
     feeds: list[dict] = []

@@ -134,8 +134,8 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
 
     parity: dict = {}
     probe = feeds[len(feeds) // 2]
-    expected = m.net(*[torch.from_numpy(probe[k]) for k in ("x", "t", "pos")],
-                     torch.from_numpy(probe["cond"]) if "cond" in probe else None).numpy()
+    expected = m.net(*[torch.from_numpy(probe[k]) if k in probe else None
+                       for k in ("x", "t", "pos", "cond", "window")]).numpy()
     parity["denoiser_fp32_max_abs_error"] = _max_error(nets["denoiser.onnx"], probe, [expected])
     z = torch.from_numpy(latent_feeds[0]["latent"])
     parity["decoder_fp32_max_abs_error"] = _max_error(
@@ -157,7 +157,8 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
         "blocks": {"per_side": cfg.denoiser.blocks_per_side if cfg.denoiser.kind != "whole" else 1,
                    "side": m.net.block_size},
         "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, **db_meta},
-        "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema"},
+        "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema",
+                     "border": m.net.border},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
         "sampling": distilled["sampling"] if distilled else recommended,

@@ -1,7 +1,8 @@
 """torch -> ONNX for the three networks a bundle carries, with a dynamic batch axis.
 
 Names fixed here are the runtime's contract:
-  denoiser: x (N,C,s,s) f32, t (N,) f32, pos (N,) i64, [cond (N,k*C,s,s) f32] -> eps
+  denoiser: x (N,C,s,s) f32, t (N,) f32, pos (N,) i64, [cond (N,k*C,s,s) f32],
+            [window (N,C,s+2w,s+2w) f32, when border-conditioned (manifest denoiser.border = w)] -> eps
   decoder:  latent (N,C,H,W) f32, scaled as the denoiser sees it -> image (N,c,S,S) in [-1, 1]
   encoder:  image (N,c,S,S) in [-1, 1] -> latent (N,C,H,W) snapped to codes (unscaled), codes (N,H,W) i64
 """
@@ -15,8 +16,6 @@ import onnx
 import torch
 from torch import nn
 
-from rissole_edge.errors import UsageError
-
 from .autoencoder import VQAutoencoder
 from .denoiser import UNet
 
@@ -24,12 +23,15 @@ OPSET = 17
 
 
 class _Denoiser(nn.Module):
-    def __init__(self, net: UNet):
-        super().__init__()
-        self.net = net
+    """The UNet with its graph inputs in order, `names` saying which of cond and window there are."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, pos: torch.Tensor, cond: torch.Tensor | None = None):
-        return self.net(x, t, pos, cond)
+    def __init__(self, net: UNet, names: list[str]):
+        super().__init__()
+        self.net, self.names = net, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        named = dict(zip(self.names, inputs))
+        return self.net(named["x"], named["t"], named["pos"], named.get("cond"), named.get("window"))
 
 
 class _Decoder(nn.Module):
@@ -63,16 +65,16 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
 
 
 def denoiser(net: UNet) -> bytes:
-    if net.border:
-        raise UsageError("this denoiser is border-conditioned (denoiser.border > 0), which bundles and the "
-                         "runtime do not carry yet: export or distil a run trained with denoiser.border = 0")
-    c, s = net.latent_channels, net.block_size
+    c, s, w = net.latent_channels, net.block_size, net.block_size + 2 * net.border
     args = (torch.randn(2, c, s, s), torch.tensor([10.0, 500.0]), torch.tensor([0, net.positions - 1]))
     inputs = ["x", "t", "pos"]
     if net.k:
         args += (torch.randn(2, net.k * c, s, s),)
         inputs.append("cond")
-    return _export(_Denoiser(net), args, inputs, ["eps"])
+    if net.border:
+        args += (torch.randn(2, c, w, w),)
+        inputs.append("window")
+    return _export(_Denoiser(net, inputs), args, inputs, ["eps"])
 
 
 def decoder(ae: VQAutoencoder, scale: float, latent_side: int) -> bytes:

@@ -27,3 +27,19 @@ def join(blocks: np.ndarray, blocks_per_side: int) -> np.ndarray:
         raise ValueError(f"{p} blocks do not make a {b}x{b} grid")
     x = blocks.reshape(n, b, b, c, s, t).transpose(0, 3, 1, 4, 2, 5)
     return x.reshape(n, c, b * s, b * t)
+
+
+def windows(blocks: np.ndarray, blocks_per_side: int, width: int) -> np.ndarray:
+    """(n, P, C, s, s) blocks of n images -> (n, P, C, s+2w, s+2w): each block's window of its
+    own image (the block and the w rows/columns of every adjacent block that touch it, corners
+    included), zeros beyond the image's edge. What a border-conditioned denoiser (manifest
+    `denoiser.border` = w) takes as `window`; the numpy twin of the toolchain's
+    `denoiser.windows`, which a test holds equal."""
+    n, p, c, s, _ = blocks.shape
+    side = s + 2 * width
+    padded = np.pad(join(blocks, blocks_per_side), ((0, 0), (0, 0), (width, width), (width, width)))
+    out = np.empty((n, p, c, side, side), blocks.dtype)
+    for pos in range(p):
+        row, col = divmod(pos, blocks_per_side)
+        out[:, pos] = padded[:, :, row * s:row * s + side, col * s:col * s + side]
+    return out

@@ -243,10 +243,22 @@ class Spec:
     sampler: str                 # the recommended sampler and step count (ddim, 50 when it names none)
     steps: int
     distilled_steps: int         # a distilled student's step count, the only one it runs (0: not distilled)
+    border: int = 0              # w > 0: the denoiser also takes each block's window of its image's x_t (`window`)
 
     @property
     def positions(self) -> int:
         return self.blocks_per_side ** 2
+
+    @property
+    def window_side(self) -> int:
+        """Side of a border-conditioned denoiser's `window` input: the block and w rows each way."""
+        return self.block_side + 2 * self.border
+
+    @property
+    def blocks_together(self) -> int:
+        """Blocks that must share a denoiser call: all P of an image when each block's window is
+        cut from its neighbours' current x_t (border > 0), else 1."""
+        return self.positions if self.border else 1
 
     @classmethod
     def from_manifest(cls, m: dict) -> "Spec":
@@ -276,7 +288,11 @@ class Spec:
             sampler=_optional(m, "sampling.sampler", str, DEFAULT_SAMPLER),
             steps=_optional(m, "sampling.steps", int, DEFAULT_STEPS, 1, 100000),
             distilled_steps=_optional(m, "sampling.distilled_steps", int, 0, 0, 100000),
+            border=_optional(m, "denoiser.border", int, 0, 0, 1024),
         )
+        if spec.border > spec.block_side or (spec.border and spec.blocks_per_side == 1):
+            raise BundleError(f"bundle manifest field denoiser.border is {spec.border}: it must be 0, or at most "
+                              f"the block side ({spec.block_side}) with more than one block per side")
         if spec.distilled_steps and (spec.steps, spec.sampler) != (spec.distilled_steps, "ddim"):
             raise BundleError(f"bundle manifest field sampling.distilled_steps ({spec.distilled_steps}) "
                               f"disagrees with sampling.steps/sampler ({spec.steps} {spec.sampler})")

@@ -76,9 +76,12 @@ class Generator:
         # The exporter drops inputs a model ignores (pos when there is one block position).
         self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
         self.decoder = workers.session(bundle, "decoder.onnx")
-        c, s, z = spec.latent_channels, spec.block_side, spec.latent_side
+        if bool(spec.border) != ("window" in self._denoiser_inputs):
+            raise BundleError(f"the bundle's denoiser {'takes' if spec.border == 0 else 'takes no'} window input, "
+                              f"but the manifest says denoiser.border = {spec.border}")
+        c, s, z, w = spec.latent_channels, spec.block_side, spec.latent_side, spec.window_side
         _check_signature(self.denoiser, "denoiser", {"x": (None, c, s, s), "cond": (None, spec.k * c, s, s),
-                                                     "eps": (None, c, s, s)})
+                                                     "window": (None, c, w, w), "eps": (None, c, s, s)})
         _check_signature(self.decoder, "decoder", {"latent": (None, c, z, z),
                                                    "image": (None, spec.image_channels, spec.image_size,
                                                              spec.image_size)})
@@ -270,14 +273,17 @@ class Generator:
                  guidance: float, preview: Preview | None = None) -> tuple[np.ndarray, int]:
         """All n*P blocks, in chunks of at most `plan.blocks_per_call`, each chunk run through
         every step; the thread plan (workers.py) says how many threads take chunks and how big.
-        Work items are (row, position); row r is image number ids[r]. Returns the latents and
+        Work items are (row, position); row r is image number ids[r]. A border-conditioned
+        denoiser's chunks hold whole images (`spec.blocks_together` blocks, in position order), so
+        that each block's window is cut from its own image's current x_t. Returns the latents and
         the number of threads the plan used."""
         spec = self.spec
         shape = (spec.positions, spec.latent_channels, spec.block_side, spec.block_side)
         work = [(r, p) for r in range(len(ids)) for p in range(spec.positions)]
         # A plan made for unguided calls holds half as many guided blocks (two rows each).
         passes = budget.passes(self.spec, guidance)
-        chunk = max(1, self.plan.blocks_per_call * self.plan.passes // passes)
+        together = spec.blocks_together
+        chunk = max(together, self.plan.blocks_per_call * self.plan.passes // passes // together * together)
         out = np.empty((len(ids),) + shape, np.float32)
 
         def run_chunk(items: list[tuple[int, int]]) -> None:
@@ -291,9 +297,11 @@ class Generator:
             both_c = np.concatenate([c, np.zeros_like(c)]) if guided else c
 
             def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
+                window = _windows(xt, spec) if spec.border else None
                 if guided:     # conditional and unconditional rows in one call, split after
                     xt, t = np.concatenate([xt, xt]), np.concatenate([t, t])
-                feeds = {"x": xt, "t": t, "pos": both_pos, "cond": both_c}
+                    window = None if window is None else np.concatenate([window, window])
+                feeds = {"x": xt, "t": t, "pos": both_pos, "cond": both_c, "window": window}
                 eps = _run(self.denoiser, "denoiser", ["eps"],
                            {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
                 if guided:
@@ -310,9 +318,10 @@ class Generator:
             x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, on_step)
             out[img, pos] = x
 
-        plan = workers.choose(len(work), chunk, self._row_ms * passes, self.threads)
-        workers.run(run_chunk, [work[a:a + plan.per_call] for a in range(0, len(work), plan.per_call)],
-                    plan.workers)
+        plan = workers.choose(len(work) // together, chunk // together, self._row_ms * passes * together,
+                              self.threads)
+        per_call = plan.per_call * together
+        workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers)
         return out, plan.workers
 
     def _decode(self, latents: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -342,6 +351,14 @@ def _blocks_of_images(draw: Callable[[int], np.ndarray], rows: np.ndarray, pos: 
     a chunk holds up to P blocks of an image)."""
     order, inverse = np.unique(rows, return_inverse=True)
     return np.stack([draw(int(r)) for r in order])[inverse, pos]
+
+
+def _windows(x: np.ndarray, spec: Spec) -> np.ndarray:
+    """The `window` input of a chunk's rows x (whole images, P blocks each in position order):
+    each block's window of its own image's current x_t (`blocks.windows`)."""
+    c, s = spec.latent_channels, spec.block_side
+    whole = blocks.windows(x.reshape(-1, spec.positions, c, s, s), spec.blocks_per_side, spec.border)
+    return whole.reshape(len(x), c, spec.window_side, spec.window_side)
 
 
 def check_count(n: int) -> None:

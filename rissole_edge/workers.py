@@ -114,9 +114,10 @@ def first_line(e: Exception) -> str:
 def dummy_feeds(spec: Spec, rows: int, inputs: set[str]) -> dict[str, np.ndarray]:
     """Manifest-shaped denoiser inputs of `rows` rows (timing and probing; the values do not
     change the work)."""
-    c, s = spec.latent_channels, spec.block_side
+    c, s, w = spec.latent_channels, spec.block_side, spec.window_side
     feeds = {"x": np.zeros((rows, c, s, s), np.float32), "t": np.full(rows, 500.0, np.float32),
-             "pos": np.zeros(rows, np.int64), "cond": np.zeros((rows, spec.k * c, s, s), np.float32)}
+             "pos": np.zeros(rows, np.int64), "cond": np.zeros((rows, spec.k * c, s, s), np.float32),
+             "window": np.zeros((rows, c, w, w), np.float32)}
     return {k: v for k, v in feeds.items() if k in inputs}
 
 

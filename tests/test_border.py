@@ -2,10 +2,11 @@
 its adjacent blocks that touch it, from its own image's x_t, in training and in sampling."""
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from rissole_edge.errors import UsageError
+from rissole_edge import blocks
 from rissole_export import config, denoiser, onnx_export, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
@@ -98,6 +99,22 @@ def test_border_is_refused_for_the_whole_latent_model():
         config.resolve("tiny", {"denoiser": {"border": -1}})
 
 
-def test_a_border_conditioned_denoiser_is_refused_by_the_exporter_in_one_line():
-    with pytest.raises(UsageError, match="denoiser.border = 0"):
-        onnx_export.denoiser(_net())
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_the_runtime_s_numpy_windows_equal_the_toolchain_s(width):
+    x = torch.randn(3, 9, C, S, S)           # 3x3 blocks: a middle block has neighbours on all sides
+    assert np.array_equal(blocks.windows(x.numpy(), 3, width), denoiser.windows(x, 3, width).numpy())
+
+
+def test_the_exported_denoiser_takes_the_window_and_computes_the_net():
+    net = _net()
+    model = onnx_export.denoiser(net)
+    sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x", "t", "pos", "cond", "window"]
+    g = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(3, C, S, S, generator=g), torch.randn(3, net.k * C, S, S, generator=g)
+    window = torch.randn(3, C, S + 2 * W, S + 2 * W, generator=g)
+    t, pos = torch.tensor([5.0, 400.0, 990.0]), torch.tensor([0, 2, 3])
+    got = sess.run(["eps"], {"x": x.numpy(), "t": t.numpy(), "pos": pos.numpy(), "cond": cond.numpy(),
+                             "window": window.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(x, t, pos, cond, window).numpy(), atol=1e-5)

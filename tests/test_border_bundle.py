@@ -1,0 +1,137 @@
+"""Border-conditioned bundles (manifest `denoiser.border`): the manifest field, the runtime's
+whole-image chunks and window gather against the torch sampler, and the memory planner's count.
+
+The fast tests put a small random-weight border denoiser (fp32) into the shipped fashion-mnist
+bundle in memory: its database, decoder and geometry, a new denoiser, no training."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from rissole_edge import budget, shipped
+from rissole_edge.bundle import Bundle, BundleError, Spec
+from rissole_edge.generator import Generator, Query
+from rissole_edge.images import to_uint8
+from rissole_export import config, denoiser, onnx_export, pack
+from rissole_export.diffusion import Diffusion
+from rissole_export.sampling import generate_latents
+
+BASE = "fashion-mnist"
+
+
+@pytest.fixture(scope="module")
+def base() -> tuple[dict, dict[str, bytes]]:
+    return pack.contents(Bundle.open(shipped.resolve(BASE)))
+
+
+def _net(spec: Spec, border: int) -> denoiser.UNet:
+    torch.manual_seed(0)
+    cfg = config.resolve("tiny", {"denoiser": {"border": border}}).denoiser
+    net = denoiser.build(cfg, spec.latent_channels, spec.latent_side)
+    for p in net.parameters():          # the output and window convs start at zero: wake them
+        torch.nn.init.normal_(p, std=0.05)
+    return net.eval()
+
+
+def _bundle(base: tuple[dict, dict[str, bytes]], net: denoiser.UNet | None, border: int) -> Bundle:
+    manifest, members = copy.deepcopy(base[0]), dict(base[1])
+    manifest["denoiser"]["border"] = border
+    if net is not None:
+        members["denoiser.onnx"] = onnx_export.denoiser(net)
+    return Bundle.in_memory(manifest, members)
+
+
+@pytest.fixture(scope="module")
+def bordered(base) -> tuple[Bundle, denoiser.UNet]:
+    spec = Spec.from_manifest(base[0])
+    net = _net(spec, 1)
+    return _bundle(base, net, 1), net
+
+
+@pytest.mark.parametrize("value", [-1, 5, 1.5, "2", True])
+def test_a_bad_denoiser_border_is_refused_in_one_line(base, value):
+    manifest = copy.deepcopy(base[0])
+    manifest["denoiser"]["border"] = value           # fashion's blocks are 4 latent pixels wide
+    with pytest.raises(BundleError, match="denoiser.border") as e:
+        Spec.from_manifest(manifest)
+    assert "\n" not in str(e.value)
+
+
+def test_old_bundles_read_border_0_and_a_valid_border_is_kept(base):
+    manifest = copy.deepcopy(base[0])
+    manifest["denoiser"].pop("border", None)
+    assert Spec.from_manifest(manifest).border == 0
+    manifest["denoiser"]["border"] = 4
+    spec = Spec.from_manifest(manifest)
+    assert (spec.border, spec.window_side, spec.blocks_together) == (4, 12, 4)
+
+
+def test_a_manifest_that_disagrees_with_the_denoiser_s_inputs_is_refused(base, bordered):
+    with pytest.raises(BundleError, match="takes no window input.*denoiser.border = 1"):
+        Generator.open(_bundle(base, None, 1))          # the shipped, plain denoiser
+    manifest, members = copy.deepcopy(base[0]), dict(base[1])
+    manifest["denoiser"]["border"] = 0
+    members["denoiser.onnx"] = bordered[0].read("denoiser.onnx")
+    with pytest.raises(BundleError, match="takes window input.*denoiser.border = 0"):
+        Generator.open(Bundle.in_memory(manifest, members))
+    manifest["denoiser"]["border"] = 2                  # the window is 8 wide, the manifest says 4 + 2*2
+    with pytest.raises(BundleError, match="window"):
+        Generator.open(Bundle.in_memory(manifest, members))
+
+
+def test_the_runtime_samples_what_the_torch_sampler_does(bordered):
+    """Same network (fp32), noise and neighbours: the runtime's whole-image chunks and numpy
+    window gather give the torch sampler's images (its windows: denoiser.windows)."""
+    bundle, net = bordered
+    entries, seed = [3, 11, 3], 5
+    with Generator.open(bundle, threads=1) as gen:
+        spec = gen.spec
+        got = np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=3, sampler_name="ddim", guidance=2.0,
+                                           query=Query(entry=q), as_array=True) for i, q in enumerate(entries)])
+        neighbours = np.zeros((spec.images, spec.window), np.int64)
+        for q in set(entries):
+            neighbours[q] = gen.db.entry_candidates(q)
+        latents = torch.from_numpy(gen.db.blocks(np.arange(spec.images)))
+        with torch.no_grad():
+            z = generate_latents(net, latents, neighbours, Diffusion(spec.schedule, spec.timesteps), entries, seed,
+                                 3, "ddim", 2.0)
+        want = to_uint8(gen.decoder.run(["image"], {"latent": z.astype(np.float32)})[0])
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1       # float rounding, ORT vs torch
+    assert not np.array_equal(got[0], got[1])
+
+
+def test_an_image_is_the_same_alone_in_a_batch_and_on_two_threads(bordered):
+    bundle, _ = bordered
+    with Generator.open(bundle, threads=1) as one, Generator.open(bundle, threads=2) as two:
+        batch = one.generate(5, seed=9, steps=4, as_array=True)
+        alone = one.generate(1, seed=9, steps=4, first_index=3, as_array=True)
+        assert np.array_equal(batch[3], alone[0])
+        assert np.array_equal(two.generate(5, seed=9, steps=4, as_array=True), batch)
+
+
+def test_the_planner_keeps_whole_images_in_flight(base, bordered):
+    plain = Spec.from_manifest(base[0])
+    spec = Spec.from_manifest(bordered[0].manifest)
+    p = spec.positions
+    assert budget.minimum(spec, 0, 2) - budget.minimum(plain, 0, 2) == 2 * (p - 1) * spec.block_bytes
+    least = budget.minimum(spec, 10 << 20, 2)
+    plan = budget.make_plan(least, spec, 10 << 20, 2)
+    assert plan.blocks_per_call == p
+    with pytest.raises(Exception, match="at least"):
+        budget.make_plan(least - 1, spec, 10 << 20, 2)
+    for rows in (None, least + 5 * spec.block_bytes):
+        assert budget.make_plan(rows, spec, 10 << 20, 2).blocks_per_call % p == 0
+
+
+def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(bordered):
+    bundle, _ = bordered
+    with Generator.open(bundle, threads=1) as free:
+        want = free.generate(3, seed=2, steps=3, as_array=True)
+        tight = budget.minimum(free.spec, budget.fixed(bundle))
+    with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
+        assert gen.plan.blocks_per_call == gen.spec.positions
+        assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
