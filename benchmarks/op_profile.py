@@ -38,8 +38,9 @@ MODELS = Path(__file__).resolve().parents[1] / "models"
 PROFILED_CALLS = 15
 
 
-def _feeds(spec: Spec, blocks: int, names: set[str]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
+def call_feeds(spec: Spec, blocks: int, names: set[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of one call of `blocks` blocks, for the graph inputs in `names`."""
+    rng = np.random.default_rng(seed)
     c, s = spec.latent_channels, spec.block_side
     feeds = {"x": rng.standard_normal((blocks, c, s, s)).astype(np.float32),
              "t": rng.uniform(0, spec.timesteps - 1, blocks).astype(np.float32),
@@ -126,7 +127,7 @@ def profile_bundle(path: Path, blocks: int, rounds: int) -> dict:
     # only; the share tables keep to the variants above).
     without = {f"all but {name}": graph.rewrite(shipped, [n for n in graph.DEFAULT_REWRITES if n != name])
                for name in graph.DEFAULT_REWRITES}
-    feeds = _feeds(spec, blocks, {i.name for i in _session(shipped).get_inputs()})
+    feeds = call_feeds(spec, blocks, {i.name for i in _session(shipped).get_inputs()})
     reference = _session(shipped).run(None, feeds)[0]
     times = call_times({**variants, **without}, feeds, rounds)
     everything = times["all default rewrites"]
