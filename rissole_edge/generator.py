@@ -72,6 +72,7 @@ class Generator:
 
     def __init__(self, bundle: Bundle, spec: Spec, threads: int | None, plan: budget.Plan):
         self.bundle, self.spec, self.threads, self.plan = bundle, spec, threads, plan
+        budget.release_code_pages()         # library code the imports ran once, before the sessions add theirs
         self.denoiser = workers.session(bundle, "denoiser.onnx")
         # The exporter drops inputs a model ignores (pos when there is one block position).
         self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
@@ -92,6 +93,7 @@ class Generator:
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
         budget.release_free_memory()        # the members' bytes, parsed (each session trims its own)
+        budget.release_code_pages()         # library code that making the sessions ran once
         self.alpha_bar = alphas_cumprod(spec.schedule, spec.timesteps, spec.beta_start, spec.beta_end)
         self._lock = threading.Lock()
         self._closed = False
