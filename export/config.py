@@ -44,6 +44,7 @@ class AutoencoderConfig:
     steps: int = 6000
     batch_size: int = 64
     lr: float = 1e-3
+    lr_schedule: str = "constant"   # "constant", or "cosine": from lr down to 0 over `steps`
 
 
 @dataclass
@@ -152,6 +153,7 @@ def _validate(cfg: RunConfig) -> None:
         (cfg.data.fit in FITS, f"data.fit must be one of {', '.join(FITS)}"),
         (len(ae.channel_mult) >= 1, "autoencoder.channel_mult needs at least one level"),
         (2 <= ae.codebook_size <= 65536, "autoencoder.codebook_size must be in [2, 65536]"),
+        (ae.lr_schedule in ("constant", "cosine"), "autoencoder.lr_schedule must be 'constant' or 'cosine'"),
         (db.key == "latent" or (db.key.startswith("block:") and db.key[6:].isdigit()),
          "database.key must be 'latent' or 'block:N'"),
         (0 < db.target_recall <= 1, "database.target_recall must be in (0, 1]"),

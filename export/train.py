@@ -168,6 +168,15 @@ def evaluate_autoencoder(ae: VQAutoencoder, pixels: np.ndarray) -> dict[str, flo
             "codebook_usage": len(used) / ae.cfg.codebook_size}
 
 
+def autoencoder_lr(cfg: config.AutoencoderConfig, step: int) -> float:
+    """The autoencoder's learning rate at `step`: constant, or a cosine from `lr` to 0 over
+    `steps` (a function of the step alone, so a resumed run takes the same steps). Decaying it
+    lets the last steps settle into a minimum that a constant rate keeps jumping around."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
+
 def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
     cfg = ctx.cfg.autoencoder
     channels = images.train.shape[-1]
@@ -200,6 +209,8 @@ def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
             loss = loss - cfg.disc_weight * critic(out["recon"]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = autoencoder_lr(cfg, step)
         opt.step()
         if use_disc:
             d_loss = F.relu(1 - critic(x)).mean() + F.relu(1 + critic(out["recon"].detach())).mean()

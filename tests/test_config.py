@@ -72,3 +72,17 @@ def test_image_sizes_the_models_cannot_divide_are_refused_with_the_nearest_that_
     config.check_size(whole)                                 # no block grid: a multiple of 8 suffices
     with pytest.raises(config.ConfigError, match="data.fit must be one of pad, crop, stretch"):
         config.resolve("small", {"data": {"fit": "zoom"}})
+
+
+def test_the_autoencoder_learning_rate_schedule():
+    """Constant by default (the shipped runs); cosine goes from lr to 0 and depends on the step
+    alone, so a resumed run sets the rate each step would have had."""
+    from rissole_export.train import autoencoder_lr
+    constant = config.resolve("tiny").autoencoder
+    assert {autoencoder_lr(constant, s) for s in (0, 200, 399)} == {constant.lr}
+    cosine = config.resolve("tiny", {"autoencoder": {"lr_schedule": "cosine", "lr": 1e-3, "steps": 400}}).autoencoder
+    rates = [autoencoder_lr(cosine, s) for s in range(400)]
+    assert rates[0] == pytest.approx(1e-3) and rates[200] == pytest.approx(5e-4) and rates[-1] < 1e-7
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ConfigError, match="lr_schedule must be"):
+        config.resolve("tiny", {"autoencoder": {"lr_schedule": "linear"}})
