@@ -34,6 +34,7 @@ import onnxruntime as ort
 import torch
 
 import rissole_edge
+from rissole_edge import blocks
 from rissole_edge.bundle import MAX_GUIDANCE, Bundle, Spec
 from rissole_edge.errors import UsageError
 from rissole_edge.schedule import alphas_cumprod, sampling_timesteps
@@ -86,22 +87,35 @@ def grid(alpha_bar: np.ndarray, steps: int, teacher_steps: int) -> tuple[np.ndar
 
 
 class TeacherEps:
-    """The teacher's (guided) epsilon with onnxruntime: both guidance halves in one call."""
+    """The teacher's (guided) epsilon with onnxruntime: both guidance halves in one call. A
+    border-conditioned teacher (`border` w > 0, `blocks_per_side` B) is called on whole images,
+    P = B*B rows each in position order, and gets each row's window of its image's x, as the
+    runtime gives it (`rissole_edge.blocks.windows`)."""
 
-    def __init__(self, model: bytes, guidance: float, threads: int):
+    def __init__(self, model: bytes, guidance: float, threads: int, border: int = 0, blocks_per_side: int = 1):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name for i in self.session.get_inputs()}
-        self.guidance = guidance
+        self.guidance, self.border, self.blocks_per_side = guidance, border, blocks_per_side
+
+    def window(self, x: np.ndarray) -> np.ndarray | None:
+        """Each row's window of its image's x (rows: whole images in position order), or None."""
+        if not self.border:
+            return None
+        n, c, s, _ = x.shape
+        per_image = blocks.windows(x.reshape(-1, self.blocks_per_side ** 2, c, s, s), self.blocks_per_side, self.border)
+        return per_image.reshape(n, c, s + 2 * self.border, s + 2 * self.border)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, pos: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
         guided = cond is not None and self.guidance != 1.0
+        window = self.window(x)
         if guided:
             x, t, pos, cond = (np.concatenate([v, v]) for v in (x, t, pos, cond))
             cond[len(cond) // 2:] = 0.0
-        feeds = {"x": x, "t": t, "pos": pos, "cond": cond}
+            window = None if window is None else np.concatenate([window, window])
+        feeds = {"x": x, "t": t, "pos": pos, "cond": cond, "window": window}
         eps = self.session.run(["eps"], {k: v for k, v in feeds.items() if k in self.inputs})[0]
         if not guided:
             return eps
@@ -119,7 +133,9 @@ def teacher_targets(eps_fn: TeacherEps, alpha_bar: np.ndarray, sub: np.ndarray, 
     """The x0 that makes one student DDIM step from x_t land where the teacher's DDIM sub-steps do.
 
     With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar) at t and t' and r = s'/s, one DDIM step
-    gives x_t' = a' x0 + r (x_t - a x0); solving for x0 with the teacher's x_t' gives the target."""
+    gives x_t' = a' x0 + r (x_t - a x0); solving for x0 with the teacher's x_t' gives the target.
+    For a border-conditioned teacher the rows are whole images (all P blocks of an image share
+    its interval, so the rows still active at a sub-step are whole images too)."""
     x = xt.astype(np.float64)
     rows = sub[interval]                                      # (B, M+1)
     for j in range(rows.shape[1] - 1):
@@ -266,7 +282,10 @@ def _train(ctx: Context, t: teachers.Teacher, s: Settings) -> torch.nn.Module:
     start = checkpoint.restore(path, modules, optimizers) if path.exists() else 0
     alpha_bar = alphas_cumprod(cfg.denoiser.schedule, cfg.denoiser.timesteps)
     starts, sub = grid(alpha_bar, s.steps, s.teacher_steps)
-    eps_fn = TeacherEps(t.model, s.guidance, torch.get_num_threads())
+    eps_fn = TeacherEps(t.model, s.guidance, torch.get_num_threads(), student.border, cfg.denoiser.blocks_per_side)
+    # A border-conditioned pair learns on whole images (all P blocks, one interval and one draw
+    # of neighbours each, as the runtime samples them): the teacher's sub-steps need every block.
+    together = positions if student.border else 1
     neighbours = torch.from_numpy(np.asarray(t.neighbours, dtype=np.int64))
     k = student.k
     a_start = torch.from_numpy(np.sqrt(alpha_of(alpha_bar, starts))).float()
@@ -278,23 +297,29 @@ def _train(ctx: Context, t: teachers.Teacher, s: Settings) -> torch.nn.Module:
 
     for step in ctx.loop("distill", start, s.train_steps, save):
         g = _batch_generator(s.seed, step)
-        b = s.batch_size
-        idx = torch.randint(n, (b,), generator=g)
-        pos = torch.randint(positions, (b,), generator=g)
+        if together > 1:
+            images = max(1, s.batch_size // together)
+            idx = torch.randint(n, (images,), generator=g).repeat_interleave(together)
+            pos = torch.arange(positions).repeat(images)
+        else:
+            idx = torch.randint(n, (s.batch_size,), generator=g)
+            pos = torch.randint(positions, (s.batch_size,), generator=g)
+        b = len(idx)
         x0 = latents[idx, pos]
         cond = None
         if k:
-            ranks = torch.rand(b, neighbours.shape[1], generator=g).argsort(1)[:, :k].sort(1).values
-            nb = neighbours[idx[:, None], ranks]
+            ranks = torch.rand(b // together, neighbours.shape[1], generator=g).argsort(1)[:, :k].sort(1).values
+            nb = neighbours[idx[:, None], ranks.repeat_interleave(together, 0)]
             cond = latents[nb, pos[:, None]].reshape(b, k * c, side, side)
-        interval = torch.randint(len(starts), (b,), generator=g)
+        interval = torch.randint(len(starts), (b // together,), generator=g).repeat_interleave(together)
         noise = torch.randn(x0.shape, generator=g)
         a, sd = a_start[interval].view(-1, 1, 1, 1), s_start[interval].view(-1, 1, 1, 1)
         xt = a * x0 + sd * noise
         target = torch.from_numpy(teacher_targets(eps_fn, alpha_bar, sub, interval.numpy(), xt.numpy(),
                                                   pos.numpy(), None if cond is None else cond.numpy()))
         tt = torch.from_numpy(starts[interval.numpy()]).float()
-        eps = student(xt, tt, pos, cond)
+        window = eps_fn.window(xt.numpy())
+        eps = student(xt, tt, pos, cond, None if window is None else torch.from_numpy(window))
         x0_pred = (xt - sd * eps) / a
         # truncated SNR weighting (Salimans & Ho): x0 error at high noise, epsilon error at low
         weight = torch.clamp(snr[interval], min=1.0).view(-1, 1, 1, 1)
@@ -403,7 +428,7 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
         gen.generate(calibration_samples, seed=spec.images, steps=steps, as_array=True)
     parity: dict = {}
     if mode == "int8":
-        log(f"quantizing the student to int8 for {target} on {len(feeds)} batches")
+        log(f"quantizing the denoiser to int8 for {target} on {len(feeds)} batches")
         model, info = quantize.quantize(fp32, feeds, target, keep_edges=True)
         model, manifest["graph"] = graph.optimize(model)
         manifest["graph"]["decoder_rewrites"] = teacher.manifest.get("graph", {}).get("decoder_rewrites", [])

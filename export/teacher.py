@@ -2,8 +2,9 @@
 
 From a training run it is the run's EMA denoiser. The shipped bundles' runs are not kept, so
 a teacher can also be rebuilt from a bundle: the torch UNet from `denoiser.onnx` (int8 QDQ
-weights dequantized, fp32 initializers as they are, ONNX names mapped back to the state dict
-and checked against the recipe's config), the latents from the bundle's codebook and codes,
+weights dequantized, fp32 initializers as they are, ONNX names mapped back to the state dict,
+the window conv `border_in` of a border-conditioned bundle too, and checked against the
+recipe's config), the latents from the bundle's codebook and codes,
 and each image's neighbours from the bundle's own HNSW index, as training drew them.
 """
 
@@ -121,6 +122,7 @@ def from_bundle(path: Path, cfg: config.RunConfig) -> Teacher:
                cfg.denoiser.blocks_per_side if cfg.denoiser.kind != "whole" else 1),
               ("denoiser.schedule", spec.schedule, cfg.denoiser.schedule),
               ("denoiser.timesteps", spec.timesteps, cfg.denoiser.timesteps),
+              ("denoiser.border", spec.border, cfg.denoiser.border),
               ("database.window", spec.window, cfg.database.window if spec.k else 0)]
     for name, got, want in checks:
         if got != want:

@@ -344,7 +344,9 @@ def info(
         f"latent {spec.latent_channels}x{spec.latent_side}x{spec.latent_side}, "
         f"{spec.blocks_per_side}x{spec.blocks_per_side} blocks of {spec.block_side}",
         f"  denoiser    {m.get('denoiser', {}).get('kind')}, {m.get('parameters', {}).get('denoiser')} parameters, "
-        f"{q.get('mode')} {q.get('target', '')}",
+        f"{q.get('mode')} {q.get('target', '')}"
+        + (f", border {spec.border} (each block sees the {spec.border} latent rows/columns of its neighbours "
+           "that touch it)" if spec.border else ""),
         f"  database    {spec.images} images, k={spec.k} of the nearest {spec.window}, key {spec.key} "
         f"({spec.key_dim}-d), ef={spec.ef}",
         f"  sampling    {spec.sampler}, {spec.steps} steps, guidance {spec.guidance:g} by default"

@@ -7,18 +7,20 @@ bundle in memory: its database, decoder and geometry, a new denoiser, no trainin
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SAMPLE, cli
 from rissole_edge import budget, shipped
 from rissole_edge.bundle import Bundle, BundleError, Spec
 from rissole_edge.generator import Generator, Query
 from rissole_edge.images import to_uint8
-from rissole_export import config, denoiser, onnx_export, pack
+from rissole_export import config, denoiser, distill, onnx_export, pack, sampling, teacher
 from rissole_export.diffusion import Diffusion
-from rissole_export.sampling import generate_latents
+from rissole_export.sampling import RunModels, generate_latents
 
 BASE = "fashion-mnist"
 
@@ -135,3 +137,68 @@ def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(borde
     with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
         assert gen.plan.blocks_per_call == gen.spec.positions
         assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
+
+
+# ---------------------------------------------------------------- trained: train -> export -> runtime -> distill
+
+@pytest.fixture(scope="module")
+def border_config(tiny_config, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("border") / "border.toml"
+    path.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\nborder = 1"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def border_run(tiny_run, border_config, tmp_path_factory) -> Path:
+    """The tiny run's autoencoder and database with a border-conditioned denoiser (w = 1)."""
+    out = tmp_path_factory.mktemp("border") / "run"
+    cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(border_config),
+        "--reuse", str(tiny_run), check=True)
+    return out
+
+
+def _runtime_images(bundle: Path, entries: list[int], seed: int) -> np.ndarray:
+    with Generator.open(bundle, threads=1) as gen:
+        return np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=10, sampler_name="ddim", guidance=2.0,
+                                            query=Query(entry=q), as_array=True) for i, q in enumerate(entries)])
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean()
+    return 99.0 if mse == 0 else 10 * np.log10(255 ** 2 / mse)
+
+
+def test_an_exported_border_run_samples_what_torch_does_in_fp32_and_int8(border_run, tiny_run, tiny_bundle, tmp_path):
+    """fp32: the torch sampler's images; int8: as near them as the plain tiny run's int8 bundle is
+    to its own torch images (the tiny model is barely trained, so int8 costs it more than a real one)."""
+    entries, seed = [0, 5, 9, 2, 7, 1], 3
+    m = RunModels.load(border_run)
+    want = sampling.generate(m, entries, seed, steps=10, sampler="ddim", guidance=2.0)
+    for mode in ("fp32", "int8"):
+        out = tmp_path / f"{mode}.rissole"
+        cli("export", str(border_run), "-o", str(out), "--quantize", mode, "--calibration-samples", "8", check=True)
+        assert Bundle.open(out).manifest["denoiser"]["border"] == 1
+        got = _runtime_images(out, entries, seed)
+        if mode == "fp32":
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    plain = _psnr(_runtime_images(tiny_bundle, entries, seed),
+                  sampling.generate(RunModels.load(tiny_run), entries, seed, steps=10, sampler="ddim", guidance=2.0))
+    assert _psnr(got, want) > plain - 3, (_psnr(got, want), plain)
+    assert "border 1" in cli("info", str(out), check=True).stdout
+    cli("verify", str(out), check=True)
+    # the teacher rebuilt from the bundle carries the window conv (kept fp32: exact)
+    rebuilt = teacher.from_bundle(out, config.load(border_run / "config.json"))
+    assert torch.equal(rebuilt.net.state_dict()["border_in.weight"], m.net.state_dict()["border_in.weight"])
+
+
+def test_a_border_teacher_distils_into_a_border_student_that_exports(border_run, tmp_path):
+    student = tmp_path / "student"
+    distill.distill(border_run, 2, student, progress=False, train_steps=4, batch_size=8, checkpoint_every=2,
+                    teacher_steps=6)
+    assert RunModels.load(student).net.border == 1
+    out = tmp_path / "student.rissole"
+    cli("export", str(student), "-o", str(out), "--calibration-samples", "4", check=True)
+    assert Bundle.open(out).manifest["denoiser"]["border"] == 1
+    png = tmp_path / "png"
+    cli("generate", "-m", str(out), "-n", "3", "-o", str(png), check=True)
+    assert len(list(png.glob("*.png"))) == 3
