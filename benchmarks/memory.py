@@ -10,8 +10,9 @@ measured is the one that interpreter imports. Two kinds of figures:
   own process; the peak is ru_maxrss from wait4(), the figure `/usr/bin/time -v` prints as
   "Maximum resident set size";
 - stages: a fresh interpreter imports the runtime's dependencies one at a time, then opens the
-  default bundle's parts one at a time, and VmRSS / VmHWM are read after each step (a second
-  one opens a whole Generator and generates).
+  default bundle's parts one at a time, and VmRSS / RssAnon / VmHWM are read after each step (a
+  second one opens a whole Generator and generates). RssAnon is the anonymous part (heap,
+  arenas, Python objects); the rest of RSS is file pages, mostly libraries' code.
 
 Prints JSON; `--write` also writes benchmarks/results/memory.json and memory.md.
 """
@@ -33,13 +34,13 @@ _RSS = """
 def rss():
     v = {}
     for line in open("/proc/self/status"):
-        if line.startswith(("VmRSS:", "VmHWM:")):
-            v[line[:5]] = int(line.split()[1]) / 1024
-    return round(v["VmRSS"], 1), round(v["VmHWM"], 1)
+        if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:")):
+            v[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return v["VmRSS"], v["VmHWM"], v["RssAnon"]
 stages = []
 def stage(name):
-    now, peak = rss()
-    stages.append({"stage": name, "rss_mb": now, "peak_mb": peak})
+    now, peak, anon = rss()
+    stages.append({"stage": name, "rss_mb": now, "anon_mb": anon, "peak_mb": peak})
 """
 
 # The runtime's dependencies one at a time, then the bundle's parts one at a time; last, what
@@ -58,6 +59,8 @@ bundle = Bundle.open(resolve(None)); spec = Spec.from_manifest(bundle.manifest);
 denoiser = workers.session(bundle, "denoiser.onnx"); stage("+ denoiser session")
 decoder = workers.session(bundle, "decoder.onnx"); stage("+ decoder session")
 db = retrieval.Database(bundle, spec); stage("+ database (codes, labels, entry neighbour lists)")
+from rissole_edge import budget
+budget.release_code_pages(); stage("+ release_code_pages() (Generator.open calls it before its sessions and once open)")
 db.load_index(); stage("+ HNSW index (only a --like query loads it)")
 import PIL.Image, PIL.PngImagePlugin; stage("+ Pillow (only --like, --grid, --preview load it)")
 print(json.dumps(stages))
@@ -69,7 +72,7 @@ import json, sys
 from rissole_edge.generator import Generator
 stage("import rissole_edge.generator")
 gen = Generator.open(); stage("Generator.open")
-for n in (4, 16, 64):
+for n in (4, 64, 1000):
     gen.generate(n, as_array=True); stage(f"generate({n})")
 gen.close()
 import rissole_edge.cli; stage("+ import rissole_edge.cli")
@@ -119,7 +122,7 @@ def cli_peaks(python: str, sizes: list[int], threads: int | None = None) -> dict
 
 
 def measure(python: str, sizes: list[int]) -> dict:
-    out: dict = {"python": python, "peaks_mb": {}}
+    out: dict = {"python": python, "load_average_1min": {"start": round(os.getloadavg()[0], 1)}, "peaks_mb": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             out["peaks_mb"].update(cli_peaks(python, [n]))
@@ -129,6 +132,7 @@ def measure(python: str, sizes: list[int]) -> dict:
             out["peaks_mb"].update(cli_peaks(python, sizes, threads))
     out["stages_parts"] = stages(python, PARTS)
     out["stages_api"] = stages(python, API)
+    out["load_average_1min"]["end"] = round(os.getloadavg()[0], 1)
     return out
 
 
@@ -139,16 +143,28 @@ Read with the stage tables above (each row is measured in the same run).
 
 - The interpreter and the imports are most of it: numpy, onnxruntime (its library's pages),
   numpy.random (loaded with rissole_edge.rng), typer for the CLI.
-- onnxruntime's first session costs about 12 MB for its environment and kernel code plus
-  about 3.3 bytes per byte of model (graph, weights, prepacked weights): the denoiser session
-  row. The decoder's session is small.
+- onnxruntime's first session pages in about 9 MB more of its library's code (kernel
+  registration, graph optimisers) and adds about 10 MB of anonymous memory (its environment,
+  the graph, weights and prepacked weights of a 2.6 MB model): the denoiser session row. The
+  decoder's session is small.
 - The database row is the parsed arrays: codes, labels and each entry's neighbour lists
   (`entry_neighbours.npy`). hnswlib and its index (about 9 MB) load only for a query by image
   (`--like`) and `verify`; Pillow (3 MB) only to read a query image or write a grid or preview.
+- Library pages run once are dropped (`budget.release_code_pages`, the release_code_pages row):
+  `Generator.open` drops this process's resident pages of clean, read-only, file-backed
+  mappings (library code and read-only data: mappings with no written or anonymous page, never
+  a writable one) before its first session and once it is open, and only the pages used again
+  come back, as minor faults from the page cache. These are pages the kernel would also reclaim
+  under memory pressure: the saving is real resident memory, but cheap memory, and the
+  anonymous column does not move. At the peak of `generate(1000)` about two thirds of RSS is
+  anonymous (heap, onnxruntime's arena, Python objects) and a third library pages in use.
+  CPU time (plain install, busy machine, load 6, interleaved pairs against the install without
+  it): `generate -n 4` 1.07x (+26 ms: two reads of /proc/self/smaps and about 800 more minor
+  faults; 16 pairs), `-n 1000` 0.98x (no measurable cost; 4 pairs).
 - Generation adds the activations of the rows in flight (96 by default; onnxruntime holds
   about 30-45 KB per row), the decoder's (2 fashion images per call) and first-use costs. Two
   worker threads (an idle machine's default plan for big groups, or `--threads 2`) add about
-  2 MB at -n 1000: two calls and two decoder calls at once, and a second thread's heap.
+  2-4 MB at -n 1000: two calls and two decoder calls at once, and a second thread's heap.
 
 Removed in issue 16, item 3: typer 0.29's pydantic (typer < 0.29), OpenSSL (sha256 from
 CPython's own module; sha512 only for signed bundles; `secrets` no longer imported for temp
@@ -166,16 +182,28 @@ peak at -n 4 / -n 1000:
 | the C heap's free pages returned after each session and the database (malloc_trim) | -2.0 | -0.3 |
 | the CLI does not keep every image's pixels (`generate(collect=False)`) | 0 | -0.6 |
 | 96 rows in flight instead of 128 (3.3% more CPU time) | 0 | -2.8 |
+| clean library pages dropped before the sessions and once open (`release_code_pages`) | -13.3 to -13.5 | -15.5 to -17.3 |
+
+The last row: three runs (load 5-6), each the install just before the change against the one
+with it in the same run (the "before" rows above are one of them).
 
 Tried and not kept: onnxruntime's `session.disable_prepacking` (1 MB less, 1.9x slower),
 no CPU arena (4-7 MB more at -n 1000), `use_device_allocator_for_initializers` and an
 environment arena that extends by the size asked (no gain), graph optimisation level
 "extended" (1 MB less activation, 6% slower), `MALLOC_MMAP_THRESHOLD_` at 64 KB (1.3 MB less
-at -n 1000, 2.8% more CPU), a per-group heap trim (the peak is inside a group).
+at -n 1000, 2.8% more CPU), a per-group heap trim (the peak is inside a group). Variants of
+the page drop (the CLI with the drops patched in, busy machine), peaks at -n 4 / -n 1000
+against 78.1 / 81.6-82.4 MB without and 65.8-66.0 / 66.0-67.9 MB with the two kept: only
+onnxruntime's library 70.2 / 70.2 MB; only executable mappings 68.9 / 69.6-71.8 MB; a third
+drop right after the denoiser session 63.8-63.9 / 63.9-66.3 MB (about 2 MB below two drops,
+for 1.10-1.12x CPU time at -n 4 against 1.07-1.08x); once the Generator is open only 77.3 MB at
+-n 4 (the peak is inside the open).
 
-Not reached at -n 1000: 80 MB. What is left: the activations of 96 rows in flight (64 rows:
-1.0 MB less than 96, for 6.5% more CPU time than 128), onnxruntime's environment (12 MB) and
-denoiser session (9 MB for a 2.6 MB model), typer (2.1 MB).
+Both targets are met (80 MB at -n 4 and -n 1000). What is left, should less be wanted: the
+activations of 96 rows in flight (64 rows: 1.0 MB less than 96, for 6.5% more CPU time than
+128), onnxruntime's arena and sessions, typer (about 2.5 MB for the CLI; rich is not imported
+by `generate`, shellingham is). The memory planner (budget.py) still counts onnxruntime's
+library pages as resident, so planned budgets stay on the safe side.
 """
 
 
@@ -183,7 +211,8 @@ def markdown(r: dict) -> str:
     lines = ["# Memory of a default `generate`", "",
              "Produced by `python benchmarks/memory.py --python PY --write` with PY the interpreter of a plain",
              "`pip install .` (a separate venv, non-editable). Peaks are ru_maxrss from wait4(), the figure",
-             "`/usr/bin/time -v` prints as \"Maximum resident set size\". 1 MB = 2^20 bytes.", "",
+             "`/usr/bin/time -v` prints as \"Maximum resident set size\". 1 MB = 2^20 bytes. Load average (1 min,",
+             f"2 cores) {r['load_average_1min']['start']} at the start, {r['load_average_1min']['end']} at the end.", "",
              "| run | peak RSS (MB) |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in r["peaks_mb"].items()]
     if "before" in r:
@@ -191,8 +220,9 @@ def markdown(r: dict) -> str:
                   for k, v in r["before"]["peaks_mb"].items()]
     for key, title in (("stages_parts", "Dependencies, then the default bundle's parts, one at a time"),
                        ("stages_api", "A whole Generator, then generation, then the CLI module on top")):
-        lines += ["", f"## {title}", "", "| stage | RSS (MB) | peak so far (MB) |", "|---|---|---|"]
-        lines += [f"| {s['stage']} | {s['rss_mb']} | {s['peak_mb']} |" for s in r[key]]
+        lines += ["", f"## {title}", "", "| stage | RSS (MB) | of which anonymous (MB) | peak so far (MB) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {s['stage']} | {s['rss_mb']} | {s.get('anon_mb', '')} | {s['peak_mb']} |" for s in r[key]]
     return "\n".join(lines) + "\n" + NOTES
 
 
