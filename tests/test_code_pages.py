@@ -114,3 +114,16 @@ def test_generation_after_dropping_code_pages_gives_the_same_pixels(monkeypatch)
     assert json.loads(json.dumps({"sum": float(np.sort(reference.ravel())[-10:].sum())}))["sum"] > 0
     import decimal
     assert str(decimal.Decimal("1.10") + decimal.Decimal("2.20")) == "3.30"
+
+
+def test_release_is_a_no_op_without_smaps_or_madvise(monkeypatch):
+    calls = []
+    monkeypatch.setattr(budget, "_madvise", lambda *a: calls.append(a) or 0)
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/smaps")
+
+    monkeypatch.setattr(budget, "open", no_proc, raising=False)      # macOS, or /proc not mounted
+    assert budget.release_code_pages() == 0 and calls == []
+    monkeypatch.setattr(budget, "_madvise", False)                     # no C library with madvise
+    assert budget.release_code_pages() == 0
