@@ -151,9 +151,9 @@ Read with the stage tables above (each row is measured in the same run).
   (`entry_neighbours.npy`). hnswlib and its index (about 9 MB) load only for a query by image
   (`--like`) and `verify`; Pillow (3 MB) only to read a query image or write a grid or preview.
 - Library pages run once are dropped (`budget.release_code_pages`, the release_code_pages row):
-  `Generator.open` drops this process's resident pages of clean, read-only, file-backed
-  mappings (library code and read-only data: mappings with no written or anonymous page, never
-  a writable one) before its first session and once it is open, and only the pages used again
+  `Generator.open` drops this process's resident pages of shared libraries' clean, read-only
+  mappings (code and read-only data: mappings with no written or anonymous page, never a
+  writable one) before its first session and once it is open, and only the pages used again
   come back, as minor faults from the page cache. These are pages the kernel would also reclaim
   under memory pressure: the saving is real resident memory, but cheap memory, and the
   anonymous column does not move. At the peak of `generate(1000)` about two thirds of RSS is
@@ -182,10 +182,11 @@ peak at -n 4 / -n 1000:
 | the C heap's free pages returned after each session and the database (malloc_trim) | -2.0 | -0.3 |
 | the CLI does not keep every image's pixels (`generate(collect=False)`) | 0 | -0.6 |
 | 96 rows in flight instead of 128 (3.3% more CPU time) | 0 | -2.8 |
-| clean library pages dropped before the sessions and once open (`release_code_pages`) | -13.3 to -13.5 | -15.5 to -17.3 |
+| clean library pages dropped before the sessions and once open (`release_code_pages`) | -13.0 to -13.5 | -15.5 to -17.3 |
 
-The last row: three runs (load 5-6), each the install just before the change against the one
-with it in the same run (the "before" rows above are one of them).
+The last row: four runs (load 5-6), each the install just before the change against the one
+with it in the same run (the "before" rows above are the last; the three before it also
+dropped other read-only file mappings, about 0.2 MB more).
 
 Tried and not kept: onnxruntime's `session.disable_prepacking` (1 MB less, 1.9x slower),
 no CPU arena (4-7 MB more at -n 1000), `use_device_allocator_for_initializers` and an
@@ -194,7 +195,9 @@ environment arena that extends by the size asked (no gain), graph optimisation l
 at -n 1000, 2.8% more CPU), a per-group heap trim (the peak is inside a group). Variants of
 the page drop (the CLI with the drops patched in, busy machine), peaks at -n 4 / -n 1000
 against 78.1 / 81.6-82.4 MB without and 65.8-66.0 / 66.0-67.9 MB with the two kept: only
-onnxruntime's library 70.2 / 70.2 MB; only executable mappings 68.9 / 69.6-71.8 MB; a third
+onnxruntime's library 70.2 / 70.2 MB; only executable mappings 68.9 / 69.6-71.8 MB; every
+clean read-only file mapping, not only shared libraries' 65.5-65.6 / 66.0-68.2 MB (against
+65.7-65.9 / 65.8-68.4 MB for libraries only, the same run: no gain); a third
 drop right after the denoiser session 63.8-63.9 / 63.9-66.3 MB (about 2 MB below two drops,
 for 1.10-1.12x CPU time at -n 4 against 1.07-1.08x); once the Generator is open only 77.3 MB at
 -n 4 (the peak is inside the open).

@@ -95,9 +95,10 @@ def release_code_pages() -> int:
     (benchmarks/results/memory.md). These are pages the kernel would also reclaim under
     memory pressure: the saving is real resident memory, but cheap memory.
 
-    Only mappings that cannot differ from their file are touched (`droppable`): backed by a
-    file, never writable now, no page written or copied on write (Private_Dirty, Shared_Dirty
-    and Anonymous all 0 in /proc/self/smaps), no device or locked memory. For such a mapping
+    Only mappings that cannot differ from their file are touched (`droppable`): a shared
+    library's (never an app's own file mappings, which it might unmap meanwhile), never writable
+    now, no page written or copied on write (Private_Dirty, Shared_Dirty and Anonymous all 0 in
+    /proc/self/smaps), no device or locked memory. For such a mapping
     madvise(MADV_DONTNEED) only drops page-table entries, as reclaim would: the next access
     rereads identical bytes. A writable mapping or one with a written page (relocated data)
     would lose its contents, so none is ever chosen. Returns the resident bytes of the mappings
@@ -124,6 +125,7 @@ def release_code_pages() -> int:
 MADV_DONTNEED = 4            # the same value on every Linux architecture
 _madvise = None
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+) *(.*)$", re.M)
+_SHARED_OBJECT = re.compile(r"/.*\.so(\.[0-9]+)*( \(deleted\))?")    # .../libc.so.6, .../x.cpython-311-...so
 # VmFlags of memory that is not plain page cache: I/O or PFN-mapped device memory, mixed maps,
 # don't-dump (device memory), locked, hugetlb, userfaultfd-handled.
 _NOT_PAGE_CACHE = {"io", "pf", "mm", "dd", "lo", "ht", "um", "uw"}
@@ -131,14 +133,14 @@ _NOT_PAGE_CACHE = {"io", "pf", "mm", "dd", "lo", "ht", "um", "uw"}
 
 def droppable(smaps: str) -> list[tuple[int, int, int]]:
     """(start, end, resident bytes) of the mappings in a /proc/PID/smaps text that
-    `release_code_pages` may drop: backed by a file (an absolute path, inode not 0), not
-    writable, resident, no dirty or anonymous page, plain page cache (VmFlags). A mapping
-    missing any of these fields is not chosen."""
+    `release_code_pages` may drop: a shared library's (inode not 0), not writable, resident, no
+    dirty or anonymous page, plain page cache (VmFlags). A mapping missing any of these fields
+    is not chosen."""
     heads = list(_HEADER.finditer(smaps))
     chosen = []
     for head, after in zip(heads, heads[1:] + [None]):
         start, end, perms, inode, path = head.groups()
-        if "w" in perms or inode == "0" or not path.startswith("/"):
+        if "w" in perms or inode == "0" or not _SHARED_OBJECT.fullmatch(path):
             continue
         body = smaps[head.end():after.start() if after else len(smaps)]
         fields = dict(line.split(":", 1) for line in body.splitlines() if ":" in line)

@@ -49,6 +49,13 @@ SYNTHETIC = [  # (mapping text, chosen?)
     (_mapping("7f00000b0000-7f00000c0000 r-xp 00000000 fe:00 80   /opt/cold.so", rss=0), False),  # nothing resident
     (_mapping("7f00000c0000-7f00000d0000 r-xp 00000000 fe:00 81   /opt/old.so (deleted)"), True),
     (_mapping("7f00000d0000-7f00000e0000 r-xp 00000000 fe:00 82   /opt/truncated.so", flags=None), False),
+    # a host app's own read-only files (it may unmap them at any time): left alone
+    (_mapping("7f00000e0000-7f00000f0000 r--p 00000000 fe:00 83   /data/table.npy", flags="rd mr mw me"), False),
+    (_mapping("7f00000f0000-7f0000100000 r--p 00000000 fe:00 84   /usr/lib/locale/locale-archive",
+              flags="rd mr mw me"), False),
+    (_mapping("7f0000100000-7f0000110000 r--s 00000000 fe:00 85   /x.so/notes.txt", flags="rd sh mr mw me ms"),
+     False),
+    (_mapping("7f0000110000-7f0000120000 r-xp 00000000 fe:00 86   /opt/lib/libbar.so.6.0.30"), True),
 ]
 
 
@@ -64,7 +71,7 @@ def test_droppable_chooses_only_clean_read_only_file_mappings():
 
 
 def _smaps() -> dict[int, dict]:
-    """This process's mappings by start address: perms and the dirty/anonymous counts (an
+    """This process's mappings by start address: perms, file and the dirty/anonymous counts (an
     independent reading of /proc/self/smaps)."""
     out: dict[int, dict] = {}
     current = None
@@ -73,7 +80,8 @@ def _smaps() -> dict[int, dict]:
             head = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+)", line)
             if head and ":" not in line.split()[0]:
                 current = out.setdefault(int(head.group(1), 16), {"end": int(head.group(2), 16),
-                                                                   "perms": head.group(3)})
+                                                                   "perms": head.group(3),
+                                                                   "file": line.split(maxsplit=5)[5:]})
             elif current is not None and line.split(":")[0] in ("Private_Dirty", "Shared_Dirty", "Anonymous"):
                 current[line.split(":")[0]] = int(line.split()[1])
     return out
@@ -96,6 +104,7 @@ def test_release_drops_whole_clean_read_only_mappings_only(monkeypatch):
         mapping = before[start]
         assert advice == budget.MADV_DONTNEED and start + length == mapping["end"]
         assert "w" not in mapping["perms"]
+        assert mapping["file"] and ".so" in mapping["file"][0].rsplit("/", 1)[-1]
         assert mapping["Private_Dirty"] == mapping["Shared_Dirty"] == mapping["Anonymous"] == 0
 
 
