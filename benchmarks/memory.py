@@ -158,9 +158,11 @@ Read with the stage tables above (each row is measured in the same run).
   under memory pressure: the saving is real resident memory, but cheap memory, and the
   anonymous column does not move. At the peak of `generate(1000)` about two thirds of RSS is
   anonymous (heap, onnxruntime's arena, Python objects) and a third library pages in use.
-  CPU time (plain install, busy machine, load 6, interleaved pairs against the install without
-  it): `generate -n 4` 1.07x (+26 ms: two reads of /proc/self/smaps and about 800 more minor
-  faults; 16 pairs), `-n 1000` 0.98x (no measurable cost; 4 pairs).
+  CPU time (plain install, busy machine, load 5.5-6.5, interleaved pairs against the install
+  without it, two runs): `generate -n 4` 1.07x as the median of 16 paired ratios in both (about
+  +25 ms: two reads of /proc/self/smaps and about 800 more minor faults), `-n 1000` 0.98x and
+  1.02x (4 pairs each; 0.99x with --threads 1, 3 pairs): within the noise, as 25 ms at open
+  are 0.5% of it.
 - Generation adds the activations of the rows in flight (96 by default; onnxruntime holds
   about 30-45 KB per row), the decoder's (2 fashion images per call) and first-use costs. Two
   worker threads (an idle machine's default plan for big groups, or `--threads 2`) add about
