@@ -91,7 +91,7 @@ def release_code_pages() -> int:
     copies of their file: only the pages used again come back, as minor faults from the page
     cache. Imports run code once (module initialisers, onnxruntime's kernel registration) and
     so does opening a session (graph parsing and optimisers): Generator.open calls this before
-    its first session and once it is open, and a default `generate` peaked 10-15 MB lower
+    its first session and once it is open, and a default `generate` peaked 13-17 MB lower
     (benchmarks/results/memory.md). These are pages the kernel would also reclaim under
     memory pressure: the saving is real resident memory, but cheap memory.
 
