@@ -207,7 +207,7 @@ def minimum(spec: Spec, fixed_bytes: int, passes: int = 1) -> int:
     """The smallest budget that works: one block in flight (a whole image's P blocks for a
     border-conditioned denoiser, `spec.blocks_together`), one image per decoder call, next to
     `fixed_bytes` (`fixed(bundle)`)."""
-    return fixed_bytes + passes * spec.blocks_together * spec.block_bytes + decode_bytes(spec, 1)
+    return fixed_bytes + passes * spec.blocks_together * spec.row_bytes + decode_bytes(spec, 1)
 
 
 def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1) -> Plan:
@@ -223,10 +223,10 @@ def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1)
         if budget < least:
             raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: at least {mb(least)}")
         free = budget - fixed_bytes
-        least_rows = passes * spec.blocks_together * spec.block_bytes
+        least_rows = passes * spec.blocks_together * spec.row_bytes
         while decode > 1 and (decode_bytes(spec, decode) > free // 2 or free - decode_bytes(spec, decode) < least_rows):
             decode //= 2
-        rows = min(MAX_ROWS, (free - decode_bytes(spec, decode)) // max(spec.block_bytes, 1))
+        rows = min(MAX_ROWS, (free - decode_bytes(spec, decode)) // max(spec.row_bytes, 1))
     together = spec.blocks_together      # whole images per call when blocks see their neighbours
     blocks = max(together, rows // passes // together * together)
     # Groups hold enough blocks for two rounds of calls on every worker (without a budget; under

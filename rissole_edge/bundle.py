@@ -255,6 +255,14 @@ class Spec:
         return self.block_side + 2 * self.border
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes one denoiser row costs the memory planner: the exporter's count of every value
+        the graph computes per row (`memory.block_bytes`, the `window` input included) and, for
+        a border-conditioned denoiser, the runtime's gather beside it (the image's padded latent
+        and the windows cut from it before guidance copies them: two windows' bytes per row)."""
+        return self.block_bytes + (2 * 4 * self.latent_channels * self.window_side ** 2 if self.border else 0)
+
+    @property
     def blocks_together(self) -> int:
         """Blocks that must share a denoiser call: all P of an image when each block's window is
         cut from its neighbours' current x_t (border > 0), else 1."""

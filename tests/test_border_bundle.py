@@ -18,7 +18,7 @@ from rissole_edge import budget, shipped
 from rissole_edge.bundle import Bundle, BundleError, Spec
 from rissole_edge.generator import Generator, Query
 from rissole_edge.images import to_uint8
-from rissole_export import config, denoiser, distill, onnx_export, pack, sampling, teacher
+from rissole_export import config, denoiser, distill, graph, onnx_export, pack, sampling, teacher
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import RunModels, generate_latents
 
@@ -119,7 +119,9 @@ def test_the_planner_keeps_whole_images_in_flight(base, bordered):
     plain = Spec.from_manifest(base[0])
     spec = Spec.from_manifest(bordered[0].manifest)
     p = spec.positions
-    assert budget.minimum(spec, 0, 2) - budget.minimum(plain, 0, 2) == 2 * (p - 1) * spec.block_bytes
+    window_bytes = 4 * spec.latent_channels * spec.window_side ** 2
+    assert spec.row_bytes == spec.block_bytes + 2 * window_bytes and plain.row_bytes == plain.block_bytes
+    assert budget.minimum(spec, 0, 2) - budget.minimum(plain, 0, 2) == 2 * (p * spec.row_bytes - plain.row_bytes)
     least = budget.minimum(spec, 10 << 20, 2)
     plan = budget.make_plan(least, spec, 10 << 20, 2)
     assert plan.blocks_per_call == p
@@ -129,8 +131,17 @@ def test_the_planner_keeps_whole_images_in_flight(base, bordered):
         assert budget.make_plan(rows, spec, 10 << 20, 2).blocks_per_call % p == 0
 
 
-def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(bordered):
+def test_the_exporter_s_row_count_includes_the_window(base):
+    spec = Spec.from_manifest(base[0])
+    bordered, plain = _net(spec, 1), _net(spec, 0)
+    extra = graph.activation_bytes(onnx_export.denoiser(bordered)) - graph.activation_bytes(onnx_export.denoiser(plain))
+    window_bytes = 4 * spec.latent_channels * (spec.block_side + 2) ** 2
+    assert extra >= window_bytes            # the input itself, and the window conv's output and sum
+
+
+def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(bordered, monkeypatch):
     bundle, _ = bordered
+    monkeypatch.setattr(budget, "rss", lambda: (0, 0))     # plan from the model of the bytes, not this process
     with Generator.open(bundle, threads=1) as free:
         want = free.generate(3, seed=2, steps=3, as_array=True)
         tight = budget.minimum(free.spec, budget.fixed(bundle))
