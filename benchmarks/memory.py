@@ -163,7 +163,7 @@ Read with the stage tables above (each row is measured in the same run).
   +25 ms: two reads of /proc/self/smaps and about 800 more minor faults), `-n 1000` 0.98x and
   1.02x (4 pairs each; 0.99x with --threads 1, 3 pairs): within the noise, as 25 ms at open
   are 0.5% of it.
-- Generation adds the activations of the rows in flight (96 by default; onnxruntime holds
+- Generation adds the activations of the rows in flight (128 by default; onnxruntime holds
   about 30-45 KB per row), the decoder's (2 fashion images per call) and first-use costs. Two
   worker threads (an idle machine's default plan for big groups, or `--threads 2`) add about
   2-4 MB at -n 1000: two calls and two decoder calls at once, and a second thread's heap.
@@ -185,6 +185,7 @@ peak at -n 4 / -n 1000:
 | the CLI does not keep every image's pixels (`generate(collect=False)`) | 0 | -0.6 |
 | 96 rows in flight instead of 128 (3.3% more CPU time) | 0 | -2.8 |
 | clean library pages dropped before the sessions and once open (`release_code_pages`) | -13.0 to -13.5 | -15.5 to -17.3 |
+| back to 128 rows in flight (the 3.3% of CPU time back: the peak had room) | see the tables above | |
 
 The last row: four runs (load 5-6), each the install just before the change against the one
 with it in the same run (the "before" rows above are the last; the three before it also
@@ -205,8 +206,8 @@ for 1.10-1.12x CPU time at -n 4 against 1.07-1.08x); once the Generator is open 
 -n 4 (the peak is inside the open).
 
 Both targets are met (80 MB at -n 4 and -n 1000). What is left, should less be wanted: the
-activations of 96 rows in flight (64 rows: 1.0 MB less than 96, for 6.5% more CPU time than
-128), onnxruntime's arena and sessions, typer (about 2.5 MB for the CLI; rich is not imported
+activations of 128 rows in flight (96 rows: 2.8 MB less, for 3.3% more CPU time; 64: 3.8 MB
+less, 6.5% more), onnxruntime's arena and sessions, typer (about 2.5 MB for the CLI; rich is not imported
 by `generate`, shellingham is). The memory planner (budget.py) still counts onnxruntime's
 library pages as resident, so planned budgets stay on the safe side.
 """

@@ -36,8 +36,9 @@ PARSE_PER_BYTE = 2           # an .npy member: its bytes and the array parsed fr
 DECODER_FIXED = 2 * MiB      # the decoder's first call, whatever its size
 DECODER_PER_PIXEL = 900      # activation bytes per decoded pixel (the shipped decoders: 820-850)
 MARGIN = 4 * MiB             # allocator slack, Python objects, numpy temporaries, PNG encoding
-DEFAULT_ROWS = 96            # rows in flight without a budget: against 128, generate -n 1000 peaked 2.8 MB
-                             # lower for 3.3% more CPU time (112: 1.3 MB, 0.4%; 64: 3.8 MB, 6.5%)
+DEFAULT_ROWS = 128           # rows in flight without a budget: 96 peaked 2.8 MB lower at generate -n 1000
+                             # for 3.3% more CPU time (112: 1.3 MB, 0.4%; 64: 3.8 MB, 6.5%); 96 was the
+                             # default until release_code_pages put the peak 12 MB under the 80 MB target
 MAX_ROWS = 256
 DECODE_PIXELS = 2048         # pixels per decoder call (2 fashion images, 1 twemoji): 4 were no faster, 1.6 MB bigger
 IMAGES_PER_GROUP = 16        # images whose conditions and latents are held at once (at least)
