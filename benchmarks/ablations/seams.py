@@ -13,10 +13,16 @@ encoder and decoder, as `evaluate` measures it.
     python benchmarks/ablations/seams.py train --row seamloss --out RUN [--border 2] [--seam-loss 0.25] ...
     python benchmarks/ablations/seams.py start --out RUN      # the teacher's weights as a step-0 run
     python benchmarks/ablations/seams.py evaluate RUN... [-n 1000] [--json OUT]
+    rissole-edge export RUN -o RUN.rissole       # a row as a bundle: the teacher's with this denoiser
+    python benchmarks/ablations/seams.py runtime RUN.rissole --against RUN [-n 1000] [--json OUT]
 
 Training checkpoints every 500 steps and continues with --resume; one torch thread (the
 machine is shared). `evaluate` prints one JSON object per run (and the control), keeps the
-images beside each run and draws the first 64 as a grid beside --json.
+images beside each run and draws the first 64 as a grid beside --json. Each run holds a copy
+of the teacher bundle (teacher.rissole), so that `rissole-edge export` makes a bundle of it
+(distill.export_over_bundle); `runtime` generates with such a bundle through the runtime
+(int8), on the same queries and noise as `evaluate`, and measures it against the run's torch
+images (kept by `evaluate`): PSNR and the seam ratio, paired.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rissole_edge.generator import Generator
+from rissole_edge.generator import Generator, Query
 from rissole_edge.images import to_uint8
-from rissole_export import checkpoint, config, data, denoiser, evaluate, teacher, train
+from rissole_export import checkpoint, config, data, denoiser, distill, evaluate, teacher, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
@@ -66,6 +73,7 @@ def train_row(row: str, out: Path, steps: int, border: int, seam_loss: float, re
         sys.exit(2)
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "config.json")
+    keep_teacher(out)
     start = teacher.from_bundle(BUNDLE, base)
     net = build_net(cfg, start)
     missing, unexpected = net.load_state_dict(start.net.state_dict(), strict=False)
@@ -101,7 +109,14 @@ def save_start(out: Path) -> None:
     start = teacher.from_bundle(BUNDLE, cfg)
     out.mkdir(parents=True, exist_ok=True)
     config.save(cfg, out / "config.json")
+    keep_teacher(out)
     checkpoint.save(out / "denoiser.safetensors", 0, {"model": start.net, "ema": copy.deepcopy(start.net)}, {})
+
+
+def keep_teacher(out: Path) -> None:
+    """A copy of the teacher bundle in the run: what `rissole-edge export RUN` builds the row's bundle on."""
+    if not (out / distill.TEACHER_BUNDLE).exists():
+        shutil.copyfile(BUNDLE, out / distill.TEACHER_BUNDLE)
 
 
 def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int, grids: Path | None) -> list[dict]:
@@ -130,7 +145,7 @@ def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int, grids: Path |
             net.load_state_dict(checkpoint.load_weights(run / "denoiser.safetensors", "ema"))
             net.eval()
             began = time.monotonic()
-            kept = run / f"generated-n{n}-seed{seed}-steps{steps}.npy"      # kept beside the run, for re-analysis
+            kept = kept_images(run, n, seed, steps)      # kept beside the run, for re-analysis
             if kept.exists():
                 generated = np.load(kept, allow_pickle=False)
             else:
@@ -155,6 +170,38 @@ def evaluate_runs(runs: list[Path], n: int, seed: int, steps: int, grids: Path |
     return rows
 
 
+def kept_images(run: Path, n: int, seed: int, steps: int) -> Path:
+    return run / f"generated-n{n}-seed{seed}-steps{steps}.npy"
+
+
+def runtime_row(bundle: Path, against: Path, n: int, seed: int, steps: int) -> dict:
+    """The bundle through the runtime on `evaluate`'s queries and noise: image j is torch chunk
+    j // CHUNK's image j % CHUNK (seed * 1000 + j // CHUNK), so first_index = j % CHUNK."""
+    reference = np.load(kept_images(against, n, seed, steps), allow_pickle=False)
+    images = data.load("twemoji", base_config().data)
+    with Generator.open(bundle, threads=1) as gen:
+        ids = np.random.default_rng(seed).integers(0, gen.spec.images, n).tolist()
+        began = time.monotonic()
+        generated = np.concatenate([
+            gen.generate(1, seed=seed * 1000 + j // CHUNK, first_index=j % CHUNK, steps=steps, sampler_name="ddim",
+                         guidance=gen.spec.guidance, query=Query(entry=ids[j]), as_array=True) for j in range(n)])
+        seconds = time.monotonic() - began
+    with Generator.open(BUNDLE, threads=1) as gen:
+        control = evaluate.seam_ratio(evaluate._onnx_round_trip(gen)(images.test), 2)
+    mse = ((generated.astype(np.float64) - reference) ** 2).reshape(n, -1).mean(1)
+    psnr = 10 * np.log10(255 ** 2 / np.maximum(mse, 1e-12))
+    ratio = evaluate.seam_ratio(generated, 2)
+    return {"bundle": str(bundle), "against": str(against), "n": n, "ddim_steps": steps, "control": control,
+            "psnr_vs_torch_mean": float(psnr.mean()), "psnr_vs_torch_median": float(np.median(psnr)),
+            "psnr_vs_torch_min": float(psnr.min()), "seam_ratio": ratio, "seam_ratio_over_control": ratio / control,
+            "seam_ratio_95": seam_interval([generated], seed),
+            "torch_seam_ratio": evaluate.seam_ratio(reference, 2),
+            "seam_ratio_minus_torch_95": seam_interval([reference, generated], seed),
+            "fd_effnetlite0_vs_test": evaluate.frechet_distance(evaluate.features(generated),
+                                                                 evaluate.features(images.test)),
+            "generate_seconds": round(seconds, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -172,6 +219,13 @@ def main() -> None:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=50)
     e.add_argument("--json", type=Path)
+    r = sub.add_parser("runtime")
+    r.add_argument("bundle", type=Path)
+    r.add_argument("--against", type=Path, required=True, help="the run it was exported from (its kept torch images)")
+    r.add_argument("-n", type=int, default=1000)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.command == "start":
@@ -180,7 +234,10 @@ def main() -> None:
     if args.command == "train":
         print(json.dumps(train_row(args.row, args.out, args.steps, args.border, args.seam_loss, args.resume)))
         return
-    rows = evaluate_runs(args.runs, args.n, args.seed, args.steps, args.json.parent if args.json else None)
+    if args.command == "runtime":
+        rows = [runtime_row(args.bundle, args.against, args.n, args.seed, args.steps)]
+    else:
+        rows = evaluate_runs(args.runs, args.n, args.seed, args.steps, args.json.parent if args.json else None)
     text = json.dumps(rows, indent=2) + "\n"
     if args.json:
         args.json.write_text(text)
