@@ -18,7 +18,8 @@ from rissole_edge import budget, shipped
 from rissole_edge.bundle import Bundle, BundleError, Spec
 from rissole_edge.generator import Generator, Query
 from rissole_edge.images import to_uint8
-from rissole_export import config, denoiser, distill, graph, onnx_export, pack, sampling, teacher
+from rissole_export import (checkpoint, config, denoiser, distill, exporter, graph, onnx_export, pack, sampling,
+                             teacher)
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import RunModels, generate_latents
 
@@ -148,6 +149,23 @@ def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(borde
     with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
         assert gen.plan.blocks_per_call == gen.spec.positions
         assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
+
+
+def test_a_border_fine_tune_of_a_bundle_exports_over_it(base, tmp_path):
+    """A run holding config.json, denoiser.safetensors and its base bundle as teacher.rissole
+    (benchmarks/ablations/seams.py's rows) exports as that bundle with the new denoiser."""
+    spec = Spec.from_manifest(base[0])
+    cfg = config.resolve("tiny", {"denoiser": {"border": 1}})
+    net = _net(spec, 1)
+    config.save(cfg, tmp_path / "config.json")
+    checkpoint.save(tmp_path / "denoiser.safetensors", 1, {"model": net, "ema": copy.deepcopy(net)}, {})
+    (tmp_path / distill.TEACHER_BUNDLE).write_bytes(shipped.resolve(BASE).read_bytes())
+    out = tmp_path / "tuned.rissole"
+    manifest = exporter.export(tmp_path, out, mode="fp32", calibration_samples=2, log=lambda *a: None)
+    assert manifest["denoiser"]["border"] == 1 and "distilled" not in manifest
+    assert manifest["sampling"] == base[0]["sampling"]          # the base bundle's recommendation
+    with Generator.open(out, threads=1) as gen:
+        assert gen.spec.border == 1 and gen.generate(2, seed=1, steps=2, as_array=True).shape[0] == 2
 
 
 # ---------------------------------------------------------------- trained: train -> export -> runtime -> distill
