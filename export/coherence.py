@@ -287,11 +287,6 @@ def wilson_interval(hits: int, count: int, z: float = 1.96) -> list[float] | Non
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-KEYS = ("coherence_judge_accuracy", "coherence_judge_caught",
-        *(f"incoherent_{name}{end}" for name in ("generated", "reconstructed", "unseen_reconstructed")
-          for end in ("", "_95")))
-
-
 def ceiling(net: Judge, test: np.ndarray, round_trip: RoundTrip,
             blocks_per_side: int) -> tuple[float, float, np.ndarray]:
     """(accuracy, caught, false alarms): the judge on held-out test images through the
