@@ -284,7 +284,7 @@ def wilson_interval(hits: int, count: int, z: float = 1.96) -> list[float] | Non
     p = hits / count
     centre = (p + z * z / (2 * count)) / (1 + z * z / count)
     half = z * math.sqrt(p * (1 - p) / count + z * z / (4 * count * count)) / (1 + z * z / count)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def ceiling(net: Judge, test: np.ndarray, round_trip: RoundTrip,

@@ -20,6 +20,10 @@ metric here answers one of them:
   training images nearest in that block's pixels; an image agrees when one training image is
   among them at every position. Beside the same share for held-out test images and for their
   autoencoder round trips, the controls a generator is judged against.
+- Block coherence: the share of images whose blocks a judge (export/coherence.py, a small CNN
+  trained on the train split to tell real images from ones with a block taken from another
+  image, ghosted or smeared) calls incoherent, beside the same share for held-out test images
+  through the target's autoencoder, and the judge's own accuracy on held-out test images.
 - Control: for labelled data, the share of images generated for a label that a classifier
   trained on the train split assigns to that label. The classifier sees every class equally
   often in training (the Twemoji groups range from 32 to 2,194 images), and its own accuracy
@@ -51,6 +55,7 @@ from torch import nn
 
 from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
 
+from . import coherence
 from . import config as run_config
 from . import data as datasets
 from .config import DataConfig
@@ -680,6 +685,19 @@ def _copying(source: _Source, images: datasets.ImageSet, generated: np.ndarray, 
     }
 
 
+def _coherence(source: _Source, images: datasets.ImageSet, generated: np.ndarray, unseen_ids: np.ndarray,
+               seed: int, log: Log) -> dict[str, Any]:
+    """Block coherence by the judge (export/coherence.py): for generated images, for the drawn
+    test images and for the unseen ones, all through the autoencoder but the generated ones.
+    Nones for one block or without an autoencoder (no round trip to train the judge through)."""
+    if source.reconstruct is None or source.blocks_per_side <= 1 or not len(images.test):
+        return dict.fromkeys(coherence.KEYS)
+    log("block coherence")
+    test = images.test[_pick(np.arange(len(images.test)), COPY_TEST_IMAGES, seed)]
+    return coherence.measure(images.train, test, images.test[unseen_ids], generated, source.reconstruct,
+                             source.blocks_per_side, log)
+
+
 # ----------------------------------------------------------------------------- evaluate
 
 def _pick(images: np.ndarray, count: int, seed: int) -> np.ndarray:
@@ -735,6 +753,7 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         unseen_ids, dropped = _unseen_test(images, _unit(images.train), seed)
         copying = _copying(source, images, generated, unseen_ids, dropped, log)
         labels = _label_accuracy(source, images, unseen_ids, n, seed, steps, log)
+        agreement = _coherence(source, images, generated, unseen_ids, seed, log)
         reconstructed = source.reconstruct(refs) if source.reconstruct is not None else None
     finally:
         source.close()
@@ -750,6 +769,7 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
         "seam_ratio_reconstructed": _number(seam_ratio(reconstructed, source.blocks_per_side))
         if reconstructed is not None else None,
         **copying,
+        **agreement,
         **labels,
         "feature_seconds_per_1000": feature_s / (len(generated) + len(refs)) * 1000,
         "seconds": time.perf_counter() - started,

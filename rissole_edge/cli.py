@@ -304,7 +304,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, block agreement, label accuracy."""
+    """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, block agreement, block coherence, label accuracy."""
     _toolchain()
     from rissole_export.evaluate import evaluate as run_evaluation
 

@@ -165,6 +165,7 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
                 "copying_score", "copying_score_test", "copying_radius_median",
                 "nearest_train_distance_generated_median", "nearest_train_distance_test_median",
                 "block_agreement_generated", "block_agreement_test", "block_agreement_reconstructed",
+                "coherence_judge_accuracy", "incoherent_generated", "incoherent_reconstructed",
                 "label_accuracy", "classifier_test_accuracy",
                 "n", "reference", "target", "steps", "seed", "seconds"):
         assert key in result, key
@@ -179,7 +180,8 @@ def test_evaluate_a_tiny_bundle_end_to_end(tiny_bundle):
     assert unseen > 0
     # Each share counts whole images of its own set: generated (n), unseen test images, their round trips.
     for key, count in (("copying_score", 20), ("block_agreement_generated", 20), ("copying_score_test", unseen),
-                       ("block_agreement_test", unseen), ("block_agreement_reconstructed", unseen)):
+                       ("block_agreement_test", unseen), ("block_agreement_reconstructed", unseen),
+                       ("incoherent_generated", 20), ("incoherent_unseen_reconstructed", unseen)):
         assert _is_share_of(result[key], count), (key, result[key], count)
     per_label = result["label_accuracy_per_label"]
     assert per_label and all(_is_share_of(v, 20) for v in per_label.values())      # 20 images per label

@@ -4,9 +4,10 @@ One judge, trained on the twemoji training split through the autoencoder of --au
 (default the shipped teacher's, which decodes the seams ablation rows), measures each row:
 a bundle (N images generated exactly as `rissole-edge evaluate` makes them: DDIM, the
 bundle's default guidance and steps, seed 0) or a .npy of uint8 images (N, 64, 64, 3), such as
-the seams ablation's kept images. Rows from .npy files of one ablation share queries and
-noise, so their differences are paired (bootstrap over images); every row is also compared
-with the control, the held-out test emoji through the autoencoder (unpaired bootstrap).
+the seams ablation's kept images. Rows of one kind (the .npy files of one ablation; bundles,
+which `evaluate` gives the same queries and noise at one seed) are paired: their differences
+are bootstrapped over images, the same images from both; every row is also compared with
+the control, the held-out test emoji through the autoencoder (unpaired bootstrap).
 
     python benchmarks/ablations/coherence_rows.py ROW... [-n 1000] [--autoencoder BUNDLE] [--json OUT]
 
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=1000, help="images per bundle row (a .npy row: its first n)")
     parser.add_argument("--autoencoder", type=Path, default=ROOT / "models" / "twemoji-teacher.rissole")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judge-seed", type=int, default=coherence.JUDGE_SEED,
+                        help="another judge (evaluate's is JUDGE_SEED): how much the verdicts depend on it")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -79,26 +82,25 @@ def main() -> None:
     log = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
     with Generator.open(args.autoencoder, threads=1) as gen:
         round_trip = evaluate._onnx_round_trip(gen)
-        net = coherence.cached_judge(images.train, round_trip, 2, coherence.JUDGE_SEED, log)
+        net = coherence.cached_judge(images.train, round_trip, 2, args.judge_seed, log)
         accuracy, caught, control = coherence.ceiling(net, images.test, round_trip, 2)
         unseen_ids, _ = evaluate._unseen_test(images, evaluate._unit(images.train), args.seed)
         unseen = coherence.judged_incoherent(net, round_trip(images.test[unseen_ids]))
-    out = {"autoencoder": str(args.autoencoder), "judge_accuracy": accuracy, "judge_caught": caught,
+    out = {"autoencoder": str(args.autoencoder), "judge_seed": args.judge_seed, "judge_accuracy": accuracy, "judge_caught": caught,
            "control": {"n": len(control), "incoherent": float(control.mean()), "95": interval([control], False)},
            "unseen_control": {"n": len(unseen), "incoherent": float(unseen.mean()), "95": interval([unseen], False)},
            "rows": []}
-    first_npy = None
+    earlier: list[tuple[str, str, np.ndarray]] = []
     for name, path in rows:
         path = Path(path)
         x = np.load(path, allow_pickle=False)[:args.n] if path.suffix == ".npy" else bundle_images(path, args.n, args.seed)
         flags = coherence.judged_incoherent(net, x)
         row = {"row": name, "path": str(path), "n": len(x), "incoherent": float(flags.mean()),
                "95": interval([flags], False), "minus_control_95": interval([control, flags], False)}
-        if path.suffix == ".npy":
-            if first_npy is None:
-                first_npy = (name, flags)
-            elif len(first_npy[1]) == len(flags):
-                row[f"minus_{first_npy[0]}_paired_95"] = interval([first_npy[1], flags], True)
+        for other, suffix, other_flags in earlier:      # same kind, same n: same queries and noise
+            if suffix == path.suffix and len(other_flags) == len(flags):
+                row[f"minus_{other}_paired_95"] = interval([other_flags, flags], True)
+        earlier.append((name, path.suffix, flags))
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
     text = json.dumps(out, indent=1)
