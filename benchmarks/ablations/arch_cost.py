@@ -3,8 +3,9 @@
     python benchmarks/ablations/arch_cost.py [--blocks 256] [--rounds 21] [--variants a,b] [--json OUT]
 
 Variants: "m1" is channel_mult [1] (no 2x2 level), "rb1" res_blocks 1, "cNN" NN channels.
-Each variant is the fashion recipe (preset small + models/fashion-mnist.toml) with some
-`denoiser` settings changed, built with random weights (speed does not depend on their
+Each variant is the fashion recipe (preset small + models/fashion-mnist.toml) with the
+architecture it had before this study (BEFORE: 40 channels, channel_mult [1, 2], res_blocks 2)
+and some of it changed, built with random weights (speed does not depend on their
 values) and taken down the path `rissole-edge export` takes: ONNX export, int8 static
 quantization (input and output convolutions fp32, calibrated here on random inputs of the
 runtime's shapes), and the default graph rewrites kept only where bit-identical
@@ -18,8 +19,8 @@ the ratios share the machine's load. MACs per block are the layers' own count
 benchmarks/perf.py uses (a 256-channel 3x3 QDQ conv, CPU time of one thread), measured in
 the same run.
 
-"no-norm" (the shipped config without any GroupNorm) is not a trainable candidate: it drops every GroupNorm (ResBlock norms and the
-output norm), to bound what any cheaper normalisation could save.
+"no-norm" (BEFORE without any GroupNorm: the ResBlock norms and the output norm) is not a
+trainable candidate: it bounds what any cheaper normalisation could save.
 Prints JSON.
 """
 
@@ -48,7 +49,9 @@ BUNDLE = ROOT / "models" / "fashion-mnist.rissole"
 RECIPE = ROOT / "models" / "fashion-mnist.toml"
 CALIBRATION_BATCHES = 8
 
-# name -> denoiser overrides of the fashion recipe
+# The denoiser architecture of the fashion bundle before this study; each variant changes it.
+BEFORE = {"channels": 40, "channel_mult": (1, 2), "res_blocks": 2}
+# name -> denoiser overrides of BEFORE
 VARIANTS: dict[str, dict] = {
     "shipped": {},
     "m1-c40": {"channel_mult": (1,)},
@@ -71,12 +74,19 @@ def _drop_norms(net: nn.Module) -> None:
                 setattr(module, name, nn.Identity())
 
 
+def variant_config(name: str) -> config.RunConfig:
+    """The fashion recipe with the variant's architecture (set in full, so that a row stays
+    what it is whatever the recipe file says today)."""
+    cfg = config.resolve("small", config.read_config_file(RECIPE))
+    for key, value in {**BEFORE, **VARIANTS[name]}.items():
+        setattr(cfg.denoiser, key, value)
+    return cfg
+
+
 def build(name: str, spec: Spec, seed: int) -> tuple[bytes, dict]:
     """The variant's int8, rewritten denoiser graph as `rissole-edge export` makes it, and its
     parameter and MAC counts."""
-    cfg = config.resolve("small", config.read_config_file(RECIPE))
-    for key, value in VARIANTS[name].items():
-        setattr(cfg.denoiser, key, value)
+    cfg = variant_config(name)
     torch.manual_seed(seed)
     net = denoiser.build(cfg.denoiser, spec.latent_channels, spec.latent_side).eval()
     nn.init.normal_(net.out[-1].weight, std=0.02)       # zero at init: a trained net's is not

@@ -24,13 +24,16 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from arch_cost import BUNDLE, RECIPE, VARIANTS
+import rissole_edge
+import arch_cost
+from arch_cost import BUNDLE, VARIANTS
 from rissole_edge import blocks
 from rissole_edge.bundle import Bundle, Spec
 from rissole_edge.generator import Generator
@@ -45,10 +48,8 @@ CALIBRATION_IMAGES = 32       # as `rissole-edge export`'s default
 CALIBRATION_STEPS = 25
 
 
-def variant_config(variant: str, steps: int | None) -> config.RunConfig:
-    cfg = config.resolve("small", config.read_config_file(RECIPE))
-    for key, value in VARIANTS[variant].items():
-        setattr(cfg.denoiser, key, value)
+def training_config(variant: str, steps: int | None) -> config.RunConfig:
+    cfg = arch_cost.variant_config(variant)
     if steps:
         cfg.denoiser.steps = steps
     cfg.data.source = "fashion-mnist"
@@ -85,7 +86,7 @@ def training_set(cfg: config.RunConfig, folder: Path) -> tuple[torch.Tensor, np.
 
 
 def train_variant(variant: str, out: Path, steps: int | None, resume: bool) -> dict:
-    cfg = variant_config(variant, steps)
+    cfg = training_config(variant, steps)
     if (out / "denoiser.safetensors").exists() and not resume:
         raise SystemExit(f"error: {out} holds a checkpoint: pass --resume to continue it")
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +119,8 @@ def make_bundle(run: Path, out: Path) -> dict:
     with torch.no_grad():
         fp32 = onnx_export.denoiser(net.eval())
     manifest.pop("parity", None)
-    manifest.update(name=out.stem, parameters={**manifest["parameters"], "denoiser": count_parameters(net)},
+    manifest.update(name=out.stem, tool_version=rissole_edge.__version__,
+                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"), parameters={**manifest["parameters"], "denoiser": count_parameters(net)},
                     memory={**manifest["memory"], "block_bytes": graph.activation_bytes(fp32)})
     feeds: list[dict] = []
     with Generator.open(Bundle.in_memory({**manifest, "quantization": {"mode": "fp32"}},
