@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from rissole_edge.generator import Generator
-from rissole_export import coherence, data, evaluate
+from rissole_export import coherence, data, evaluate, train
 from rissole_export.config import DataConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--judge-seed", type=int, default=coherence.JUDGE_SEED,
                         help="another judge (evaluate's is JUDGE_SEED): how much the verdicts depend on it")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--grids", type=Path, help="folder for coherence-NAME.png per row: the 32 images the "
+                        "judge finds most incoherent (upper half), then the 32 it finds least")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [tuple(r.split("=", 1)) for r in args.rows]
@@ -94,7 +96,11 @@ def main() -> None:
     for name, path in rows:
         path = Path(path)
         x = np.load(path, allow_pickle=False)[:args.n] if path.suffix == ".npy" else bundle_images(path, args.n, args.seed)
-        flags = coherence.judged_incoherent(net, x)
+        scores = coherence.incoherence(net, x)
+        flags = scores > coherence.THRESHOLD
+        if args.grids:
+            order = np.argsort(-scores, kind="stable")
+            train.save_grid(np.concatenate([x[order[:32]], x[order[-32:]]]), args.grids / f"coherence-{name}.png")
         row = {"row": name, "path": str(path), "n": len(x), "incoherent": float(flags.mean()),
                "95": interval([flags], False), "minus_control_95": interval([control, flags], False)}
         for other, suffix, other_flags in earlier:      # same kind, same n: same queries and noise
