@@ -245,9 +245,10 @@ def judged_incoherent(net: Judge, images: np.ndarray) -> np.ndarray:
 def _cache_path(train: np.ndarray, round_trip: RoundTrip, blocks_per_side: int, seed: int) -> Path:
     from .evaluate import feature_cache_dir
 
-    key = hashlib.sha256(repr((VERSION, train.shape, blocks_per_side, seed, JUDGE_IMAGES, NEGATIVES_PER_IMAGE,
-                               DONOR_NEIGHBOURS, MIN_BLOCK_CHANGE, FEATHERS, GLOBAL_BLURS, JUDGE_EPOCHS, JUDGE_MIN_STEPS,
-                               JUDGE_MAX_STEPS, JUDGE_BATCH, torch.__version__)).encode())
+    settings = (VERSION, train.shape, blocks_per_side, seed, JUDGE_IMAGES, NEGATIVES_PER_IMAGE, DONOR_NEIGHBOURS,
+                MIN_BLOCK_CHANGE, FEATHERS, GLOBAL_BLURS, JUDGE_EPOCHS, JUDGE_MIN_STEPS, JUDGE_MAX_STEPS, JUDGE_BATCH,
+                torch.__version__)
+    key = hashlib.sha256(repr(settings).encode())
     key.update(np.ascontiguousarray(train).tobytes())
     key.update(np.ascontiguousarray(round_trip(train[_pick_ids(len(train), PROBES, seed)])).tobytes())
     return feature_cache_dir().parent / "coherence" / f"{key.hexdigest()}.safetensors"

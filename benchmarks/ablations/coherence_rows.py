@@ -88,14 +88,18 @@ def main() -> None:
         accuracy, caught, control = coherence.ceiling(net, images.test, round_trip, 2)
         unseen_ids, _ = evaluate._unseen_test(images, evaluate._unit(images.train), args.seed)
         unseen = coherence.judged_incoherent(net, round_trip(images.test[unseen_ids]))
-    out = {"autoencoder": str(args.autoencoder), "judge_seed": args.judge_seed, "judge_accuracy": accuracy, "judge_caught": caught,
+    out = {"autoencoder": str(args.autoencoder), "judge_seed": args.judge_seed,
+           "judge_accuracy": accuracy, "judge_caught": caught,
            "control": {"n": len(control), "incoherent": float(control.mean()), "95": interval([control], False)},
            "unseen_control": {"n": len(unseen), "incoherent": float(unseen.mean()), "95": interval([unseen], False)},
            "rows": []}
     earlier: list[tuple[str, str, np.ndarray]] = []
     for name, path in rows:
         path = Path(path)
-        x = np.load(path, allow_pickle=False)[:args.n] if path.suffix == ".npy" else bundle_images(path, args.n, args.seed)
+        if path.suffix == ".npy":
+            x = np.load(path, allow_pickle=False)[:args.n]
+        else:
+            x = bundle_images(path, args.n, args.seed)
         scores = coherence.incoherence(net, x)
         flags = scores > coherence.THRESHOLD
         if args.grids:
