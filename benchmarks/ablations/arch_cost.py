@@ -9,8 +9,9 @@ and some of it changed, built with random weights (speed does not depend on thei
 values) and taken down the path `rissole-edge export` takes: ONNX export, int8 static
 quantization (input and output convolutions fp32, calibrated here on random inputs of the
 runtime's shapes), and the default graph rewrites kept only where bit-identical
-(`graph.optimize`). The shipped bundle's own denoiser is timed beside them as a check that
-the random-weight build of the shipped config costs what the shipped graph does.
+(`graph.optimize`). Trained bundles' denoisers (--bundle, default the shipped fashion-mnist)
+are timed beside them: a random-weight build costs what the trained graph of the same
+architecture does, and two trained bundles compare directly. Ratios are to the "before" row.
 
 Call times: CPU time of the calling thread (one intra-op thread, the runtime's session
 options), calls of --blocks blocks, all variants interleaved round by round (medians), so
@@ -53,7 +54,7 @@ CALIBRATION_BATCHES = 8
 BEFORE = {"channels": 40, "channel_mult": (1, 2), "res_blocks": 2}
 # name -> denoiser overrides of BEFORE
 VARIANTS: dict[str, dict] = {
-    "shipped": {},
+    "before": {},
     "m1-c40": {"channel_mult": (1,)},
     "m1-c48": {"channel_mult": (1,), "channels": 48},
     "m1-c56": {"channel_mult": (1,), "channels": 56},
@@ -108,6 +109,8 @@ def main() -> int:
     parser.add_argument("--blocks", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--variants", help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    parser.add_argument("--bundle", type=Path, action="append",
+                        help="also time this bundle's denoiser (repeatable; default: the shipped fashion-mnist)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -118,22 +121,24 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     load_at_start = os.getloadavg()[0]
-    bundle = Bundle.open(BUNDLE)
-    spec = Spec.from_manifest(bundle.manifest)
-    models, info = {"shipped bundle": bundle.read("denoiser.onnx")}, {}
-    info["shipped bundle"] = {"macs_per_block": bundle.manifest["graph"]["denoiser_macs_per_block"],
-                              "parameters": bundle.manifest["parameters"]["denoiser"]}
+    spec = Spec.from_manifest(Bundle.open(BUNDLE).manifest)
+    models, info = {}, {}
+    for path in args.bundle or [BUNDLE]:
+        bundle = Bundle.open(path)
+        models[str(path)] = bundle.read("denoiser.onnx")
+        info[str(path)] = {"macs_per_block": bundle.manifest["graph"]["denoiser_macs_per_block"],
+                           "parameters": bundle.manifest["parameters"]["denoiser"]}
     for name in chosen:
         models[name], info[name] = build(name, spec, args.seed)
         print(f"built {name}: {info[name]['macs_per_block'] / 1e6:.2f} M MACs", file=sys.stderr)
     feeds = op_profile.call_feeds(spec, args.blocks, {"x", "t", "pos", "cond"}, seed=0)
     times = op_profile.call_times(models, feeds, args.rounds)
     peak = perf.spawn("ort_ceiling", threads=1).get("int8_gops_cpu")
-    base = times["shipped"] if "shipped" in times else times["shipped bundle"]
+    base = times["before"] if "before" in times else next(iter(times.values()))
     rows = {}
     for name, seconds in times.items():
         gops = 2 * info[name]["macs_per_block"] * args.blocks / seconds / 1e9
-        rows[name] = {**info[name], "call_ms_cpu": seconds * 1e3, "ratio_to_shipped": seconds / base,
+        rows[name] = {**info[name], "call_ms_cpu": seconds * 1e3, "ratio_to_before": seconds / base,
                       "gops": gops, "share_of_int8_peak": gops / peak if peak else None,
                       "op_shares": {k: round(v["share"], 3) for k, v in op_profile.op_shares(models[name], feeds)["ops"].items()}}
     result = {"blocks_per_call": args.blocks, "rounds": args.rounds, "int8_peak_gops_1_core_cpu": peak,

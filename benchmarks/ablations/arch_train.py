@@ -9,7 +9,7 @@ database's own procedure (`database.build_retrieval`, `neighbour_lists`, seed 0)
 lists. A variant (benchmarks/ablations/arch_cost.py's names) is then trained as
 `rissole-edge train` trains the denoiser (`train.fit_denoiser`: seed 0, the recipe's steps,
 batch and learning rate), so that the architecture is the one thing that differs from the
-shipped model, and one background job can do it: one torch thread, checkpoints every 500
+two-block model that bundle shipped until issue 16, and one background job can do it: one torch thread, checkpoints every 500
 steps, --resume.
 
 `bundle` puts the run's EMA denoiser into a copy of the shipped bundle (decoder, encoder,
