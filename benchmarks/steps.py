@@ -139,7 +139,8 @@ class Study:
     """One bundle's rows, sharing its data, reference images and classifier."""
 
     def __init__(self, name: str, args: argparse.Namespace, log=print):
-        self.name, self.args, self.log = name, args, log
+        # A bundle given as a path is named by its file, so that the plots' and grid's file names hold no folder.
+        self.name, self.args, self.log = Path(name).name.removesuffix(".rissole"), args, log
         self.gen = Generator.open(name, threads=args.threads)
         self.cache = Cache(self.gen)
         m = self.gen.bundle.manifest
