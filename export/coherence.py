@@ -161,12 +161,6 @@ def _donor(x: np.ndarray, i: int, rows: slice, cols: slice, rng: np.random.Gener
 
 # ----------------------------------------------------------------------------- training
 
-def _pick_ids(n: int, count: int, seed: int) -> np.ndarray:
-    if n <= count:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:count])
-
-
 def _blurred_all_over(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Each image blurred as a whole, by a factor of 2 or 4 drawn per image (uint8)."""
     factors = rng.choice(GLOBAL_BLURS, len(images))
@@ -182,7 +176,9 @@ def training_pairs(train: np.ndarray, round_trip: RoundTrip, blocks_per_side: in
     images and NEGATIVES_PER_IMAGE incoherent versions of each; and, for half of the images,
     the image and one incoherent version blurred all over alike: blur alone (colour mush)
     is no sign of disagreeing blocks, only blur confined to a block is."""
-    real = train[_pick_ids(len(train), JUDGE_IMAGES, seed)]
+    from .evaluate import _pick
+
+    real = train[_pick(np.arange(len(train)), JUDGE_IMAGES, seed)]
     donors = nearest_donors(real)
     rng = np.random.default_rng(seed)
     fakes = [make_incoherent(real, blocks_per_side, rng, donors) for _ in range(NEGATIVES_PER_IMAGE)]
@@ -243,14 +239,14 @@ def judged_incoherent(net: Judge, images: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- cache
 
 def _cache_path(train: np.ndarray, round_trip: RoundTrip, blocks_per_side: int, seed: int) -> Path:
-    from .evaluate import feature_cache_dir
+    from .evaluate import _pick, feature_cache_dir
 
     settings = (VERSION, train.shape, blocks_per_side, seed, JUDGE_IMAGES, NEGATIVES_PER_IMAGE, DONOR_NEIGHBOURS,
                 MIN_BLOCK_CHANGE, FEATHERS, GLOBAL_BLURS, JUDGE_EPOCHS, JUDGE_MIN_STEPS, JUDGE_MAX_STEPS, JUDGE_BATCH,
                 torch.__version__)
     key = hashlib.sha256(repr(settings).encode())
     key.update(np.ascontiguousarray(train).tobytes())
-    key.update(np.ascontiguousarray(round_trip(train[_pick_ids(len(train), PROBES, seed)])).tobytes())
+    key.update(np.ascontiguousarray(round_trip(train[_pick(np.arange(len(train)), PROBES, seed)])).tobytes())
     return feature_cache_dir().parent / "coherence" / f"{key.hexdigest()}.safetensors"
 
 
