@@ -102,11 +102,7 @@ class TeacherEps:
 
     def window(self, x: np.ndarray) -> np.ndarray | None:
         """Each row's window of its image's x (rows: whole images in position order), or None."""
-        if not self.border:
-            return None
-        n, c, s, _ = x.shape
-        per_image = blocks.windows(x.reshape(-1, self.blocks_per_side ** 2, c, s, s), self.blocks_per_side, self.border)
-        return per_image.reshape(n, c, s + 2 * self.border, s + 2 * self.border)
+        return blocks.row_windows(x, self.blocks_per_side, self.border) if self.border else None
 
     def __call__(self, x: np.ndarray, t: np.ndarray, pos: np.ndarray, cond: np.ndarray | None) -> np.ndarray:
         guided = cond is not None and self.guidance != 1.0

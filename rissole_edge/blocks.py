@@ -43,3 +43,12 @@ def windows(blocks: np.ndarray, blocks_per_side: int, width: int) -> np.ndarray:
         row, col = divmod(pos, blocks_per_side)
         out[:, pos] = padded[:, :, row * s:row * s + side, col * s:col * s + side]
     return out
+
+
+def row_windows(rows: np.ndarray, blocks_per_side: int, width: int) -> np.ndarray:
+    """`windows` for denoiser rows: (n*P, C, s, s) rows of whole images, P blocks each in
+    position order -> (n*P, C, s+2w, s+2w), each row's window of its own image. The runtime's
+    calls and a distillation teacher's both hold rows this way."""
+    _, c, s, _ = rows.shape
+    whole = windows(rows.reshape(-1, blocks_per_side ** 2, c, s, s), blocks_per_side, width)
+    return whole.reshape(len(rows), c, s + 2 * width, s + 2 * width)

@@ -299,7 +299,7 @@ class Generator:
             both_c = np.concatenate([c, np.zeros_like(c)]) if guided else c
 
             def eps_fn(xt: np.ndarray, t: np.ndarray) -> np.ndarray:
-                window = _windows(xt, spec) if spec.border else None
+                window = blocks.row_windows(xt, spec.blocks_per_side, spec.border) if spec.border else None
                 if guided:     # conditional and unconditional rows in one call, split after
                     xt, t = np.concatenate([xt, xt]), np.concatenate([t, t])
                     window = None if window is None else np.concatenate([window, window])
@@ -353,14 +353,6 @@ def _blocks_of_images(draw: Callable[[int], np.ndarray], rows: np.ndarray, pos: 
     a chunk holds up to P blocks of an image)."""
     order, inverse = np.unique(rows, return_inverse=True)
     return np.stack([draw(int(r)) for r in order])[inverse, pos]
-
-
-def _windows(x: np.ndarray, spec: Spec) -> np.ndarray:
-    """The `window` input of a chunk's rows x (whole images, P blocks each in position order):
-    each block's window of its own image's current x_t (`blocks.windows`)."""
-    c, s = spec.latent_channels, spec.block_side
-    whole = blocks.windows(x.reshape(-1, spec.positions, c, s, s), spec.blocks_per_side, spec.border)
-    return whole.reshape(len(x), c, spec.window_side, spec.window_side)
 
 
 def check_count(n: int) -> None:
