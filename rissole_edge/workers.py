@@ -12,7 +12,12 @@ when one of them is shared with another process.
 
 A worker pays only when its share of a call is work enough to hide the handover, so the plan
 is chosen from the work per call measured on this machine (`probe`): small calls run on one
-thread. Chunks never change what a block computes (onnxruntime's kernels give the same
+thread. It pays only on a core of its own, too: Linux's autogroup scheduler gives a process one
+core's worth while any other session keeps the other core busy, whatever its nice value, and
+there 2 workers measured 0.86x one thread at 32 blocks per call (1.51x with the core free). So
+the plan looks at the load before each group (`idle_cores`) and checks afterwards that each
+worker did get a core (`note_core_share`); when they did not, it stays on one thread for a
+while. Chunks never change what a block computes (onnxruntime's kernels give the same
 result for a row whatever the batch; tests/test_runtime.py checks it), so every plan gives
 the same pixels.
 """
@@ -33,10 +38,24 @@ from .budget import release_free_memory
 from .bundle import Bundle, BundleError, Spec
 from .onnx_guard import check_self_contained
 
-# Work (ms of one thread) each worker's call must hold for a second worker to pay: measured with
-# `rissole-edge bench` on a shared 2-core x86_64 machine (benchmarks/results/threads.md: 2 workers
-# gained 1.03-1.44x at 1.6 ms each, lost 0.87x at 0.4 ms each).
-MIN_WORK_PER_WORKER_MS = 1.0
+# Work (ms of one thread, as `probe` estimates it) each worker's call must hold for a second worker
+# to pay. Measured with the other core free (fashion denoiser, 50 steps, interleaved rounds,
+# benchmarks/results/threads.md): 2 workers gave 0.83x one thread at 2 blocks per worker and call
+# (about 0.1 ms), 1.25x at 8 (0.4 ms), 1.51x at 16 (0.8 ms; never below 1.38x in a round) and 1.71x
+# at 32: below about 0.5 ms, onnxruntime's fixed cost per call (0.14 ms, against 0.03 ms a block)
+# and the Python between calls eat the gain.
+MIN_WORK_PER_WORKER_MS = 0.6
+# Workers that together ran on a core for less than this share of their wall time did not have a
+# core each. Measured at 32 blocks per call: 0.93-0.98 with the other core free (2 workers 1.46x one
+# thread), 0.74-0.84 while another process took the other core half the time (1.00x), 0.45-0.5
+# while it held it (0.86x).
+MIN_CORE_SHARE = 0.75
+# After such a run the default plan stays on one thread for HOLD_S, twice as long after each
+# further such run, up to MAX_HOLD_S (a retry costs one group at about 0.9x, a success saves a third
+# of each group's time).
+HOLD_S = 1.0
+MAX_HOLD_S = 60.0
+MIN_TIMED_S = 0.01           # runs shorter than this per worker say too little to note
 # onnxruntime's NHWC layout transformer wraps every int8 conv in Transposes (36 kernels per
 # fashion denoiser call); its int8 conv transposes inside the kernel when left in NCHW. Without
 # the transformer the same outputs came faster, in thread CPU time of interleaved calls: the
@@ -47,6 +66,9 @@ PROBE_ROWS = 8               # rows of the calls timed at open
 PROBE_CALLS = 5              # their least time counts (one call's CPU time varied 0.55-0.89 ms at load 4.5)
 IDLE_REUSE_S = 0.5           # seconds a reading of the idle cores is used again
 _idle_reading: tuple[float, int] = (float("-inf"), 1)     # (time.monotonic() when read, idle cores)
+_held: tuple[float, float] = (float("-inf"), HOLD_S)      # (time.monotonic() until one thread, next hold)
+# Whether the clock of a thread's CPU time is fine-grained (Windows counts it in 15.6 ms ticks).
+FINE_THREAD_CLOCK = time.get_clock_info("thread_time").resolution < 1e-4
 Item = TypeVar("Item")
 
 
@@ -64,8 +86,11 @@ def idle_cores() -> int:
     apart). A second worker on a core that another process keeps busy only adds a handover
     (2 forced threads: 0.90x at 256 blocks per call under a load of 6 on 2 cores). All cores
     where the kernel does not say. A reading is reused for IDLE_REUSE_S: the looks took 2-3 ms
-    on a busy machine, and a group of 8 fashion images at 4 steps takes about 10 ms."""
+    on a busy machine, and a group of 8 fashion images at 4 steps takes about 10 ms.
+    One core while a hold from `note_core_share` lasts."""
     global _idle_reading
+    if time.monotonic() < _held[0]:
+        return 1
     taken, idle = _idle_reading
     if time.monotonic() - taken < IDLE_REUSE_S:
         return idle
@@ -81,6 +106,18 @@ def idle_cores() -> int:
     idle = max(1, cores() - (sorted(looks)[1] - 1))
     _idle_reading = (time.monotonic(), idle)
     return idle
+
+
+def note_core_share(share: float) -> None:
+    """What a run of several workers found: the CPU time its threads got over their wall time.
+    Below MIN_CORE_SHARE they shared cores with other work that the look at /proc/loadavg missed
+    (a job that was asleep when looked at, one that started during the group, a hypervisor's
+    steal time), so `idle_cores` says 1 for a hold that doubles while such runs repeat. A run
+    that found a core for each worker ends the hold."""
+    global _held
+    hold = _held[1]
+    _held = (time.monotonic() + hold, min(2 * hold, MAX_HOLD_S)) if share < MIN_CORE_SHARE \
+        else (float("-inf"), HOLD_S)
 
 
 def session(bundle: Bundle, member: str) -> ort.InferenceSession:
@@ -130,7 +167,7 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float
     for a 256-row fashion call that took 24-25 ms of wall time at load 4.3), which would make
     the work look twice as big and the plan take a second worker for calls too small to pay.
     Wall time where the thread clock is coarse (Windows counts it in 15.6 ms ticks)."""
-    clock = time.thread_time if time.get_clock_info("thread_time").resolution < 1e-4 else time.perf_counter
+    clock = time.thread_time if FINE_THREAD_CLOCK else time.perf_counter
     feeds = dummy_feeds(spec, PROBE_ROWS, inputs)
     times = []
     for _ in range(1 + PROBE_CALLS):
@@ -167,7 +204,7 @@ def choose(blocks: int, max_in_flight: int, block_ms: float, threads: int | None
 def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> None:
     """job(chunk) for every chunk, on `workers` threads that take chunks in order from one
     queue (the calling thread is one of them). The first error stops the others' taking and
-    is raised here."""
+    is raised here. The share of a core the workers got is noted (`note_core_share`)."""
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             job(chunk)
@@ -175,21 +212,27 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> No
     lock = threading.Lock()
     pending = iter(chunks)
     errors: list[BaseException] = []
+    spent = [0.0, 0.0]           # the workers' CPU and wall seconds
 
     def work() -> None:
+        c0, w0 = time.thread_time(), time.perf_counter()
         while True:
             with lock:
                 chunk = next(pending, None) if not errors else None
             if chunk is None:
-                return
+                break
             try:
                 job(chunk)
             except BaseException as e:   # re-raised in the caller's thread
                 with lock:
                     errors.append(e)
-                return
+                break
+        with lock:
+            spent[0] += time.thread_time() - c0
+            spent[1] += time.perf_counter() - w0
 
-    helpers = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(chunks)) - 1)]
+    threads = min(workers, len(chunks))
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
     for t in helpers:
         t.start()
     try:
@@ -204,3 +247,5 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> No
         raise
     if errors:
         raise errors[0]
+    if FINE_THREAD_CLOCK and spent[1] >= MIN_TIMED_S * threads:
+        note_core_share(spent[0] / spent[1])

@@ -107,62 +107,6 @@ def test_every_thread_plan_gives_the_same_pixels(tiny_bundle, gen):
             assert np.array_equal(expected, got), (guidance, threads)
 
 
-def test_thread_plans_follow_the_work_per_call(monkeypatch):
-    from rissole_edge import workers
-
-    monkeypatch.setattr(workers, "cores", lambda: 2)
-    monkeypatch.setattr(workers, "idle_cores", lambda: 2)
-    small, big = workers.choose(16, 128, 0.08, None), workers.choose(4000, 128, 0.08, None)
-    assert small == workers.ThreadPlan(1, 16)                # 1.3 ms of work per call: one thread
-    assert big == workers.ThreadPlan(2, 64)                  # both cores, half the memory plan's blocks each
-    assert workers.choose(64, 128, 0.08, None).workers == 2  # 2.6 ms each
-    assert workers.choose(16, 128, 0.08, 3) == workers.ThreadPlan(3, 6)   # a number is obeyed
-    assert workers.choose(2, 128, 0.08, 4).workers == 2      # but never more workers than blocks
-    assert workers.choose(10, 1, 0.08, 2) == workers.ThreadPlan(1, 1)    # nor than the memory plan holds
-    monkeypatch.setattr(workers, "idle_cores", lambda: 1)     # the other core is busy: one thread
-    assert workers.choose(4000, 128, 0.08, None) == workers.ThreadPlan(1, 128)
-
-
-def test_idle_cores_reads_the_load_once_per_interval(monkeypatch):
-    """A reading (three looks at /proc/loadavg) serves every plan made within IDLE_REUSE_S."""
-    import io
-
-    from rissole_edge import workers
-
-    looks, now = [], [100.0]
-    monkeypatch.setattr(workers, "open", lambda path: looks.append(path) or io.StringIO("1.0 1.0 1.0 2/300 9"),
-                        raising=False)
-    monkeypatch.setattr(workers.time, "monotonic", lambda: now[0])
-    monkeypatch.setattr(workers, "cores", lambda: 2)
-    monkeypatch.setattr(workers, "_idle_reading", (float("-inf"), 1))
-    assert workers.idle_cores() == 1 and workers.idle_cores() == 1 and len(looks) == 3   # 2 runnable: one other
-    now[0] += workers.IDLE_REUSE_S
-    monkeypatch.setattr(workers, "open", lambda path: looks.append(path) or io.StringIO("0.0 0.0 0.0 1/300 9"),
-                        raising=False)
-    assert workers.idle_cores() == 2 and len(looks) == 6
-
-
-def test_workers_run_every_chunk_once_and_raise_the_first_error():
-    from rissole_edge import workers
-
-    seen = []
-    lock = threading.Lock()
-
-    def job(chunk):
-        with lock:
-            seen.append(chunk)
-
-    workers.run(job, list(range(50)), 3)
-    assert sorted(seen) == list(range(50))
-
-    def failing(chunk):
-        if chunk == 7:
-            raise ValueError("chunk 7")
-
-    with pytest.raises(ValueError, match="chunk 7"):
-        workers.run(failing, list(range(50)), 2)
-
-
 def _generate_under_budget(bundle, budget, out):
     proc = cli("generate", "-m", str(bundle), "-n", "3", "--steps", "6", "--seed", "9", "--memory-budget", budget,
                "-o", str(out), "--json", "--threads", "1", check=True)
