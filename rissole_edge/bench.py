@@ -162,7 +162,7 @@ def bench(bundle: Path, quick: bool = False) -> dict:
         configs.append({"bundle": str(bundle), "threads": None, "steps": steps, "images": images,
                         "budget": minimum_budget(bundle)})
     plans = {"bundle": str(bundle), "plans": True, "steps": steps, "rounds": 2 if quick else 5,
-             "sizes": [1, 16] if quick else [1, 4, 16, 64], "rows": [16, 256] if quick else [4, 16, 64, 256]}
+             "sizes": [1, 16] if quick else [1, 4, 8, 16, 64], "rows": [16, 256] if quick else [4, 16, 64, 256]}
     return {"configs": [run_child(cfg) for cfg in configs], "plans": run_child(plans)}
 
 
