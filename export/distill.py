@@ -425,7 +425,7 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     parity: dict = {}
     if mode == "int8":
         log(f"quantizing the denoiser to int8 for {target} on {len(feeds)} batches")
-        model, info = quantize.quantize(fp32, feeds, target, keep_edges=True)
+        model, info = quantize.quantize(fp32, feeds, target, keep_fp32=True, correct_bias=True)
         model, manifest["graph"] = graph.optimize(model)
         manifest["graph"]["decoder_rewrites"] = teacher.manifest.get("graph", {}).get("decoder_rewrites", [])
         quant.update({k: v for k, v in info.items() if k != "fp32_nodes"}, denoiser_fp32_nodes=info["fp32_nodes"])

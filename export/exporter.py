@@ -31,7 +31,10 @@ from .recommend import sampling_fields
 from .sampling import RunModels, generate
 from .train import STAGES, stage_complete
 
-PARITY_IMAGES = 16
+# int8 vs fp32 parity images (seed 1234). The worst image's PSNR is set by a few latent pixels whose
+# nearest code flips, so it is a noisy order statistic: 64 images (16 until issue 16) make it
+# steadier, and the first 16 are the same images as before (image i does not depend on n).
+PARITY_IMAGES = 64
 
 
 def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int, guidance: float) -> None:
@@ -175,7 +178,8 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
     quant_info: dict = {"mode": "fp32"}
     if mode == "int8":
         log(f"quantizing to int8 for {target} on {len(feeds)} denoiser and {len(latent_feeds)} decoder batches")
-        final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target, keep_edges=True)
+        final["denoiser.onnx"], info = quantize.quantize(nets["denoiser.onnx"], feeds, target,
+                                                         keep_fp32=True, correct_bias=True)
         final["denoiser.onnx"], manifest["graph"] = graph.optimize(final["denoiser.onnx"])   # bit-identical
         final["decoder.onnx"], _ = quantize.quantize(nets["decoder.onnx"], latent_feeds, target)
         final["decoder.onnx"], manifest["graph"]["decoder_rewrites"] = graph.optimize_decoder(final["decoder.onnx"])

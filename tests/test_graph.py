@@ -47,7 +47,7 @@ def _feeds(net: UNet, batch: int, seed: int) -> dict[str, np.ndarray]:
 def _int8(net: UNet) -> bytes:
     """The net as the exporter ships it: QDQ int8, edge convolutions in fp32."""
     calibration = [_feeds(net, 16, seed) for seed in range(4)]
-    model, _ = quantize.quantize(onnx_export.denoiser(net), calibration, "x86", keep_edges=True)
+    model, _ = quantize.quantize(onnx_export.denoiser(net), calibration, "x86", keep_fp32=True, correct_bias=True)
     return model
 
 

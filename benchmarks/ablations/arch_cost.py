@@ -97,7 +97,7 @@ def build(name: str, spec: Spec, seed: int) -> tuple[bytes, dict]:
         fp32 = onnx_export.denoiser(net)
     names = {"x", "t", "pos", "cond"}
     calibration = [op_profile.call_feeds(spec, 32, names, seed=i) for i in range(CALIBRATION_BATCHES)]
-    int8, _ = quantize.quantize(fp32, calibration, "x86", keep_edges=True)
+    int8, _ = quantize.quantize(fp32, calibration, "x86", keep_fp32=True, correct_bias=True)
     optimized, record = graph.optimize(int8)
     return optimized, {"parameters": count_parameters(net), "macs_per_block": record["denoiser_macs_per_block"],
                        "executed_macs_per_block": record["denoiser_executed_macs_per_block"],

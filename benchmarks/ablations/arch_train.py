@@ -127,7 +127,9 @@ def make_bundle(run: Path, out: Path) -> dict:
                                          {**members, "denoiser.onnx": fp32}), threads=1) as gen:
         gen.denoiser = _Recording(gen.denoiser, feeds)
         gen.generate(CALIBRATION_IMAGES, seed=cfg.seed, steps=CALIBRATION_STEPS, as_array=True)
-    model, _ = quantize.quantize(fp32, feeds, "x86", keep_edges=True)
+    model, info = quantize.quantize(fp32, feeds, "x86", keep_fp32=True, correct_bias=True)
+    manifest["quantization"] = {**manifest["quantization"], **{k: v for k, v in info.items() if k != "fp32_nodes"},
+                                "denoiser_fp32_nodes": info["fp32_nodes"]}
     model, record = graph.optimize(model)
     manifest["graph"] = {**record, "decoder_rewrites": shipped.manifest.get("graph", {}).get("decoder_rewrites", [])}
     bundles = [Bundle.in_memory(manifest, {**members, "denoiser.onnx": m}) for m in (fp32, model)]
