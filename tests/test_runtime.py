@@ -63,7 +63,8 @@ def test_a_denoiser_row_does_not_depend_on_its_batch(tiny_bundle, name):
     session = workers.session(bundle, "denoiser.onnx")
     r = np.random.default_rng(0)
     feeds = {k: r.standard_normal(v.shape).astype(np.float32) for k, v in
-             workers.dummy_feeds(spec, rows, {i.name for i in session.get_inputs()}).items() if k in ("x", "cond")}
+             workers.dummy_feeds(spec, rows, {i.name for i in session.get_inputs()}).items()
+             if k in ("x", "cond", "window")}
     feeds["t"] = r.integers(0, spec.timesteps, rows).astype(np.float32)
     if "pos" in {i.name for i in session.get_inputs()}:
         feeds["pos"] = r.integers(0, spec.positions, rows)
