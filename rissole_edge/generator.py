@@ -88,7 +88,7 @@ class Generator:
                                                              spec.image_size)})
         if spec.k and "cond" not in self._denoiser_inputs:
             raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
-        self._row_ms = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
+        self._cost = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
         self.last_workers = 1          # worker threads the last group's denoising took (bench reports it)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
@@ -320,10 +320,15 @@ class Generator:
             x = sampler.sample(eps_fn, x, self.alpha_bar, steps, sampler_name, noise_fn, on_step)
             out[img, pos] = x
 
-        plan = workers.choose(len(work) // together, chunk // together, self._row_ms * passes * together,
-                              self.threads)
+        units, in_flight = len(work) // together, chunk // together     # the plan counts `together` blocks
+
+        def call_ms(n: int) -> float:       # one thread's call of n units: passes * together rows each
+            return self._cost.ms(n * passes * together)
+
+        plan = workers.choose(units, in_flight, call_ms, self.threads)
         per_call = plan.per_call * together
-        workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers)
+        workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers,
+                    workers.one_thread_s(units, in_flight, call_ms, steps))
         return out, plan.workers
 
     def _decode(self, latents: np.ndarray, threads: int = 1) -> np.ndarray:

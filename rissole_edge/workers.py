@@ -15,11 +15,14 @@ is chosen from the work per call measured on this machine (`probe`): small calls
 thread. It pays only on a core of its own, too: Linux's autogroup scheduler gives a process one
 core's worth while any other session keeps the other core busy, whatever its nice value, and
 there 2 workers measured 0.86x one thread at 32 blocks per call (1.51x with the core free). So
-the plan looks at the load before each group (`idle_cores`) and checks afterwards that each
-worker did get a core (`note_core_share`); when they did not, it stays on one thread for a
-while. Chunks never change what a block computes (onnxruntime's kernels give the same
-result for a row whatever the batch; tests/test_runtime.py checks it), so every plan gives
-the same pixels.
+the plan looks at the load before each group (`idle_cores`). And it checks afterwards that
+the workers beat what one thread would have taken (`note_gain`): on this KVM guest, 2 workers
+also measured 0.85-0.90x one thread at 32 blocks for seconds at a time with nothing else
+running in the guest (their CPU time per image rose to 1.8x one thread's, against 1.3x when
+they paid: something the guest cannot see, most likely the host's load). When they did not
+beat it, the plan stays on one thread for a while. Chunks never change what a block computes
+(onnxruntime's kernels give the same result for a row whatever the batch;
+tests/test_runtime.py checks it), so every plan gives the same pixels.
 """
 
 from __future__ import annotations
@@ -38,31 +41,30 @@ from .budget import release_free_memory
 from .bundle import Bundle, BundleError, Spec
 from .onnx_guard import check_self_contained
 
-# Work (ms of one thread, as `probe` estimates it) each worker's call must hold for a second worker
-# to pay. Measured with the other core free (fashion denoiser, 50 steps, interleaved rounds,
+# One thread's time (`probe`'s CallCost) of each worker's call must reach this for a worker to pay.
+# Measured with the other core free (fashion denoiser, 50 steps, interleaved rounds,
 # benchmarks/results/threads.md): 2 workers gave 0.83x one thread at 2 blocks per worker and call
-# (about 0.1 ms), 1.25x at 8 (0.4 ms), 1.51x at 16 (0.8 ms; never below 1.38x in a round) and 1.71x
-# at 32: below about 0.5 ms, onnxruntime's fixed cost per call (0.14 ms, against 0.03 ms a block)
-# and the Python between calls eat the gain.
-MIN_WORK_PER_WORKER_MS = 0.6
-# Workers that together ran on a core for less than this share of their wall time did not have a
-# core each. Measured at 32 blocks per call: 0.93-0.98 with the other core free (2 workers 1.46x one
-# thread), 0.74-0.84 while another process took the other core half the time (1.00x), 0.45-0.5
-# while it held it (0.86x).
-MIN_CORE_SHARE = 0.75
+# (a 0.20 ms call), 1.25x at 8 (0.38 ms), 1.51x at 16 (0.62 ms; never below 1.38x in a round) and
+# 1.71x at 32 (1.10 ms): onnxruntime's fixed cost per call (0.14 ms, against 0.03 ms a block) and
+# the Python between calls eat the gain of small calls.
+MIN_CALL_MS = 0.5
+# Workers whose run took longer than one thread's estimated time / MIN_GAIN did not pay. Estimated
+# gains at 32 fashion blocks per call: 1.4-1.5 with both cores ours, 0.8-0.9 when another process
+# or the host took one.
+MIN_GAIN = 1.1
 # After such a run the default plan stays on one thread for HOLD_S, twice as long after each
-# further such run, up to MAX_HOLD_S (a retry costs one group at about 0.9x, a success saves a third
-# of each group's time).
+# further such run, up to MAX_HOLD_S (a retry costs one group at about 0.85x; a success saves a
+# third of each group's time).
 HOLD_S = 1.0
 MAX_HOLD_S = 60.0
-MIN_TIMED_S = 0.01           # runs shorter than this per worker say too little to note
+MIN_TIMED_S = 0.01           # runs shorter than this say too little to note
 # onnxruntime's NHWC layout transformer wraps every int8 conv in Transposes (36 kernels per
 # fashion denoiser call); its int8 conv transposes inside the kernel when left in NCHW. Without
 # the transformer the same outputs came faster, in thread CPU time of interleaved calls: the
 # fashion denoiser 0.95x at 4 rows, 0.98x at 32, 0.99x at 256; twemoji's 1.00x and 0.98x; the
 # decoders 0.94-0.96x.
 DISABLED_OPTIMIZERS = ["NhwcTransformer"]
-PROBE_ROWS = 8               # rows of the calls timed at open
+PROBE_ROWS = (8, 32)         # rows of the calls timed at open (a cost per call and one per row)
 PROBE_CALLS = 5              # their least time counts (one call's CPU time varied 0.55-0.89 ms at load 4.5)
 IDLE_REUSE_S = 0.5           # seconds a reading of the idle cores is used again
 _idle_reading: tuple[float, int] = (float("-inf"), 1)     # (time.monotonic() when read, idle cores)
@@ -87,7 +89,7 @@ def idle_cores() -> int:
     (2 forced threads: 0.90x at 256 blocks per call under a load of 6 on 2 cores). All cores
     where the kernel does not say. A reading is reused for IDLE_REUSE_S: the looks took 2-3 ms
     on a busy machine, and a group of 8 fashion images at 4 steps takes about 10 ms.
-    One core while a hold from `note_core_share` lasts."""
+    One core while a hold from `note_gain` lasts."""
     global _idle_reading
     if time.monotonic() < _held[0]:
         return 1
@@ -108,16 +110,15 @@ def idle_cores() -> int:
     return idle
 
 
-def note_core_share(share: float) -> None:
-    """What a run of several workers found: the CPU time its threads got over their wall time.
-    Below MIN_CORE_SHARE they shared cores with other work that the look at /proc/loadavg missed
-    (a job that was asleep when looked at, one that started during the group, a hypervisor's
-    steal time), so `idle_cores` says 1 for a hold that doubles while such runs repeat. A run
-    that found a core for each worker ends the hold."""
+def note_gain(gain: float) -> None:
+    """What a run of several workers found: one thread's estimated time over the run's wall
+    time. Below MIN_GAIN the workers did not have a core each after all: work that the look at
+    /proc/loadavg missed (a job asleep when looked at, one that started during the group) or
+    that the guest cannot see (the host's load on the cores under ours), so `idle_cores` says 1
+    for a hold that doubles while such runs repeat. A run that paid ends the hold."""
     global _held
     hold = _held[1]
-    _held = (time.monotonic() + hold, min(2 * hold, MAX_HOLD_S)) if share < MIN_CORE_SHARE \
-        else (float("-inf"), HOLD_S)
+    _held = (time.monotonic() + hold, min(2 * hold, MAX_HOLD_S)) if gain < MIN_GAIN else (float("-inf"), HOLD_S)
 
 
 def session(bundle: Bundle, member: str) -> ort.InferenceSession:
@@ -158,26 +159,43 @@ def dummy_feeds(spec: Spec, rows: int, inputs: set[str]) -> dict[str, np.ndarray
     return {k: v for k, v in feeds.items() if k in inputs}
 
 
-def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> float:
-    """Milliseconds of one thread's work per denoiser row on this machine: the least of
-    PROBE_CALLS calls of PROBE_ROWS rows (about 0.6 ms each for fashion), after one that warms
-    the session up. Timed in CPU time of the
+@dataclass(frozen=True)
+class CallCost:
+    """Milliseconds of one thread's denoiser call of `rows` rows: a cost per call (onnxruntime's
+    fixed cost: 0.14 ms for fashion) and one per row (0.03 ms), so that the plan can tell what
+    a chunk of half the rows costs a worker."""
+    per_call_ms: float
+    per_row_ms: float
+
+    def ms(self, rows: int) -> float:
+        return self.per_call_ms + self.per_row_ms * rows
+
+
+def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> CallCost:
+    """One thread's cost of denoiser calls on this machine: the least of PROBE_CALLS calls of
+    each of PROBE_ROWS rows (0.38 and 1.1 ms for fashion), after one that warms the session
+    up. Timed in CPU time of the
     calling thread (the single-threaded session runs every kernel there), not wall time: on a
     busy machine the scheduler gives a process a share of a core (measured: 12.6-12.9 ms of CPU
     for a 256-row fashion call that took 24-25 ms of wall time at load 4.3), which would make
     the work look twice as big and the plan take a second worker for calls too small to pay.
     Wall time where the thread clock is coarse (Windows counts it in 15.6 ms ticks)."""
     clock = time.thread_time if FINE_THREAD_CLOCK else time.perf_counter
-    feeds = dummy_feeds(spec, PROBE_ROWS, inputs)
-    times = []
-    for _ in range(1 + PROBE_CALLS):
-        t0 = clock()
-        try:
-            denoiser.run(["eps"], feeds)
-        except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
-            raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
-        times.append(clock() - t0)
-    return min(times[1:]) * 1e3 / PROBE_ROWS
+    least = []
+    for rows in PROBE_ROWS:
+        feeds = dummy_feeds(spec, rows, inputs)
+        times = []
+        for _ in range(1 + PROBE_CALLS):
+            t0 = clock()
+            try:
+                denoiser.run(["eps"], feeds)
+            except Exception as e:   # a model that loads but cannot run on manifest-shaped inputs
+                raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
+            times.append(clock() - t0)
+        least.append(min(times[1:]) * 1e3)
+    (r0, r1), (t0, t1) = PROBE_ROWS, least
+    per_row = max(0.0, (t1 - t0) / (r1 - r0))
+    return CallCost(max(0.0, t0 - per_row * r0), per_row)
 
 
 @dataclass(frozen=True)
@@ -187,24 +205,38 @@ class ThreadPlan:
     per_call: int             # blocks of one chunk (one denoiser call per sampling step)
 
 
-def choose(blocks: int, max_in_flight: int, block_ms: float, threads: int | None) -> ThreadPlan:
-    """The plan for `blocks` blocks of `block_ms` of work each (one thread, one step), at most
-    `max_in_flight` at a time over all workers (the memory plan's bound). `threads` None: as
-    many workers as cores, but only as many as each get MIN_WORK_PER_WORKER_MS of work per
-    call, and only on cores that are idle now; a number: exactly that many (as far as there
-    are blocks), as asked."""
+def choose(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], threads: int | None) -> ThreadPlan:
+    """The plan for `blocks` blocks, at most `max_in_flight` at a time over all workers (the
+    memory plan's bound), where one thread's call of b blocks takes call_ms(b). `threads` None:
+    as many workers as cores, but only as many as each get a call of MIN_CALL_MS, and only on
+    cores that are idle now; a number: exactly that many (as far as there are blocks), as
+    asked."""
     if threads is None:
-        useful = int(blocks * block_ms // MIN_WORK_PER_WORKER_MS)
-        threads = max(1, min(useful, idle_cores() if useful > 1 else 1))
+        useful = next((w for w in range(cores(), 1, -1) if call_ms(_chunk(blocks, max_in_flight, w)) >= MIN_CALL_MS), 1)
+        threads = min(useful, idle_cores()) if useful > 1 else 1
     workers = max(1, min(threads, blocks, max_in_flight))
-    per_call = max(1, min(max_in_flight // workers, -(-blocks // workers)))
-    return ThreadPlan(workers, per_call)
+    return ThreadPlan(workers, _chunk(blocks, max_in_flight, workers))
 
 
-def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> None:
+def _chunk(blocks: int, max_in_flight: int, workers: int) -> int:
+    """Blocks of each worker's chunk: an equal share, within the memory plan's bound."""
+    return max(1, min(max_in_flight // workers, -(-blocks // workers)))
+
+
+def one_thread_s(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], steps: int) -> float:
+    """Seconds one thread would take for the denoiser calls of `blocks` blocks through `steps`
+    steps (`choose`'s arguments): what `run` holds several workers' time against."""
+    per_call = _chunk(blocks, max_in_flight, 1)
+    full, rest = divmod(blocks, per_call)
+    return steps * (full * call_ms(per_call) + (call_ms(rest) if rest else 0.0)) / 1e3
+
+
+def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int,
+        one_thread: float | None = None) -> None:
     """job(chunk) for every chunk, on `workers` threads that take chunks in order from one
     queue (the calling thread is one of them). The first error stops the others' taking and
-    is raised here. The share of a core the workers got is noted (`note_core_share`)."""
+    is raised here. Given `one_thread`, seconds one thread would take for all of it, several
+    workers' gain over that is noted (`note_gain`)."""
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             job(chunk)
@@ -212,27 +244,22 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> No
     lock = threading.Lock()
     pending = iter(chunks)
     errors: list[BaseException] = []
-    spent = [0.0, 0.0]           # the workers' CPU and wall seconds
+    start = time.perf_counter()
 
     def work() -> None:
-        c0, w0 = time.thread_time(), time.perf_counter()
         while True:
             with lock:
                 chunk = next(pending, None) if not errors else None
             if chunk is None:
-                break
+                return
             try:
                 job(chunk)
             except BaseException as e:   # re-raised in the caller's thread
                 with lock:
                     errors.append(e)
-                break
-        with lock:
-            spent[0] += time.thread_time() - c0
-            spent[1] += time.perf_counter() - w0
+                return
 
-    threads = min(workers, len(chunks))
-    helpers = [threading.Thread(target=work, daemon=True) for _ in range(threads - 1)]
+    helpers = [threading.Thread(target=work, daemon=True) for _ in range(min(workers, len(chunks)) - 1)]
     for t in helpers:
         t.start()
     try:
@@ -247,5 +274,6 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int) -> No
         raise
     if errors:
         raise errors[0]
-    if FINE_THREAD_CLOCK and spent[1] >= MIN_TIMED_S * threads:
-        note_core_share(spent[0] / spent[1])
+    took = time.perf_counter() - start
+    if one_thread is not None and took >= MIN_TIMED_S:
+        note_gain(one_thread / took)

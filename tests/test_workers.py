@@ -23,28 +23,60 @@ def loadavg(monkeypatch, runnable: int, looks: list) -> None:
     monkeypatch.setattr(workers, "open", lambda path: looks.append(path) or io.StringIO(text), raising=False)
 
 
+FASHION = workers.CallCost(0.14, 0.03)     # probe's figures for the fashion denoiser (ms a call, ms a row)
+
+
 def test_thread_plans_follow_the_work_per_call(monkeypatch):
     monkeypatch.setattr(workers, "cores", lambda: 2)
     monkeypatch.setattr(workers, "idle_cores", lambda: 2)
-    assert workers.choose(8, 128, 0.06, None) == workers.ThreadPlan(1, 8)     # 0.24 ms per worker: one thread
-    assert workers.choose(4000, 128, 0.06, None) == workers.ThreadPlan(2, 64)  # both cores, half the memory plan each
-    assert workers.choose(16, 128, 0.08, 3) == workers.ThreadPlan(3, 6)       # a number is obeyed
-    assert workers.choose(2, 128, 0.08, 4).workers == 2      # but never more workers than blocks
-    assert workers.choose(10, 1, 0.08, 2) == workers.ThreadPlan(1, 1)    # nor than the memory plan holds
+    assert workers.choose(8, 128, FASHION.ms, None) == workers.ThreadPlan(1, 8)     # 0.26 ms calls each: one
+    assert workers.choose(4000, 128, FASHION.ms, None) == workers.ThreadPlan(2, 64)  # half the memory plan each
+    assert workers.choose(16, 128, FASHION.ms, 3) == workers.ThreadPlan(3, 6)       # a number is obeyed
+    assert workers.choose(2, 128, FASHION.ms, 4).workers == 2      # but never more workers than blocks
+    assert workers.choose(10, 1, FASHION.ms, 2) == workers.ThreadPlan(1, 1)    # nor than the memory plan holds
     monkeypatch.setattr(workers, "idle_cores", lambda: 1)     # the other core is busy: one thread
-    assert workers.choose(4000, 128, 0.06, None) == workers.ThreadPlan(1, 128)
+    assert workers.choose(4000, 128, FASHION.ms, None) == workers.ThreadPlan(1, 128)
+    monkeypatch.setattr(workers, "cores", lambda: 4)
+    monkeypatch.setattr(workers, "idle_cores", lambda: 4)     # as many workers as get a call of MIN_CALL_MS
+    assert workers.choose(40, 512, FASHION.ms, None).workers == 3      # 14 blocks: 0.56 ms; 10 would be 0.44
 
 
 def test_the_switch_sits_between_the_measured_sizes(monkeypatch):
-    """A fashion block costs 0.047-0.060 ms by `probe` (idle and loaded): 32 blocks per call
-    (2 workers measured 1.51x one thread with the other core free) take both cores, 16 blocks
-    (1.25x) and 4 (0.83x) one."""
+    """With the other core free, 2 workers measured 1.51x one thread at 32 blocks per call,
+    1.25x at 16 and 0.83x at 4: 32 blocks take both cores, 16 and 4 one, also where the probe
+    reads the calls a fifth dearer (a loaded machine)."""
     monkeypatch.setattr(workers, "cores", lambda: 2)
     monkeypatch.setattr(workers, "idle_cores", lambda: 2)
-    for block_ms in (0.047, 0.060):
-        assert workers.choose(32, 512, block_ms, None) == workers.ThreadPlan(2, 16), block_ms
-        assert workers.choose(16, 512, block_ms, None).workers == 1, block_ms
-        assert workers.choose(4, 512, block_ms, None).workers == 1, block_ms
+    for cost in (FASHION, workers.CallCost(0.17, 0.036)):
+        assert workers.choose(32, 512, cost.ms, None) == workers.ThreadPlan(2, 16), cost
+        assert workers.choose(16, 512, cost.ms, None).workers == 1, cost
+        assert workers.choose(4, 512, cost.ms, None).workers == 1, cost
+
+
+def test_one_thread_time_counts_its_calls():
+    """One thread runs chunks of at most the memory plan's blocks: 70 blocks at 32 in flight
+    are calls of 32, 32 and 6 blocks each step."""
+    assert workers.one_thread_s(70, 32, FASHION.ms, 50) == pytest.approx(50 * (2 * 1.1 + 0.32) / 1e3)
+    assert workers.one_thread_s(32, 512, FASHION.ms, 4) == pytest.approx(4 * 1.1 / 1e3)
+
+
+def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch):
+    """The least of each size's timed calls (after a warm-up call) gives the line."""
+    clock = [0.0]
+    cost_s = {8: 0.38e-3, 32: 1.1e-3}
+
+    class Session:
+        def run(self, outputs, feeds):
+            clock[0] += cost_s[len(feeds["x"])] * (1.5 if not calls else 1.0)   # the first call is cold
+            calls.append(len(feeds["x"]))
+
+    calls = []
+    monkeypatch.setattr(workers.time, "thread_time", lambda: clock[0])
+    monkeypatch.setattr(workers.time, "perf_counter", lambda: clock[0])
+    spec = type("Spec", (), {"latent_channels": 4, "block_side": 4, "window_side": 8, "k": 4})()
+    cost = workers.probe(Session(), spec, {"x", "t"})
+    assert cost.per_row_ms == pytest.approx(0.03) and cost.per_call_ms == pytest.approx(0.14)
+    assert calls == [8] * (1 + workers.PROBE_CALLS) + [32] * (1 + workers.PROBE_CALLS)
 
 
 def test_idle_cores_reads_the_load_once_per_interval(monkeypatch):
@@ -59,47 +91,47 @@ def test_idle_cores_reads_the_load_once_per_interval(monkeypatch):
     assert workers.idle_cores() == 2 and len(looks) == 6
 
 
-def test_workers_that_shared_a_core_hold_the_plan_on_one_thread(monkeypatch):
-    """The load looked idle, but a run's workers got half a core each: one core for HOLD_S,
-    a doubled hold after each such run up to MAX_HOLD_S, and no hold once a run found a core
-    per worker."""
+def test_workers_that_did_not_pay_hold_the_plan_on_one_thread(monkeypatch):
+    """The load looked idle, but a run's workers took longer than one thread's estimate /
+    MIN_GAIN: one core for HOLD_S, a doubled hold after each such run up to MAX_HOLD_S, and
+    no hold once a run paid."""
     looks, now = [], [100.0]
     loadavg(monkeypatch, 1, looks)
     monkeypatch.setattr(workers.time, "monotonic", lambda: now[0])
     monkeypatch.setattr(workers, "cores", lambda: 2)
     assert workers.idle_cores() == 2
-    workers.note_core_share(0.96)                   # each worker had a core: nothing changes
+    workers.note_gain(1.45)                         # both cores ours: nothing changes
     assert workers.idle_cores() == 2
     holds = []
     for _ in range(10):
-        workers.note_core_share(0.5)
+        workers.note_gain(0.85)
         start = now[0]
         while workers.idle_cores() == 1:
             now[0] += 0.25
         holds.append(now[0] - start)
     assert holds[:3] == [workers.HOLD_S, 2 * workers.HOLD_S, 4 * workers.HOLD_S]
     assert max(holds) == workers.MAX_HOLD_S
-    workers.note_core_share(0.5)
-    workers.note_core_share(0.9)                    # a forced run found a core per worker: the hold ends
+    workers.note_gain(0.85)
+    workers.note_gain(1.5)                          # a forced run paid: the hold ends
     assert workers.idle_cores() == 2
-    workers.note_core_share(0.5)
+    workers.note_gain(0.85)
     assert workers.idle_cores() == 1
     now[0] += workers.HOLD_S                        # and the next hold is the first one again
     assert workers.idle_cores() == 2
 
 
-def test_run_notes_the_share_of_a_core_its_workers_got(monkeypatch):
-    """Workers that wait (here: sleep) get no CPU time: the run says they shared cores; a run
-    too short to judge says nothing."""
-    if not workers.FINE_THREAD_CLOCK:
-        pytest.skip("this platform's thread clock is too coarse: run() notes nothing there")
+def test_run_notes_the_gain_over_one_thread(monkeypatch):
+    """Two workers that each wait 30 ms took at least 30 ms: against a one-thread estimate of
+    10 ms that is no gain, against 10 s a large one; without an estimate, or on one thread,
+    nothing is noted."""
     noted = []
-    monkeypatch.setattr(workers, "note_core_share", noted.append)
+    monkeypatch.setattr(workers, "note_gain", noted.append)
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, one_thread=0.01)
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, one_thread=10.0)
+    assert len(noted) == 2 and noted[0] < workers.MIN_GAIN < noted[1]
     workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2)
-    assert len(noted) == 1 and noted[0] < workers.MIN_CORE_SHARE
-    workers.run(lambda chunk: None, [0, 1], 2)
-    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 1)            # one thread: nothing to judge
-    assert len(noted) == 1
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 1, one_thread=0.01)
+    assert len(noted) == 2
 
 
 def test_workers_run_every_chunk_once_and_raise_the_first_error():
