@@ -301,7 +301,7 @@ def main() -> int:
     threads = [{"threads": t or "default", **ours_child(threads=t)} for t in (1, 2, None)]
     # The thread options against each other in one process, interleaved round by round (each
     # row above is its own process, run minutes apart on a machine whose load moves).
-    plans = run_child({"bundle": bundle, "plans": True, "steps": steps, "rounds": 2 if args.quick else 7,
+    plans = run_child({"bundle": bundle, "plans": True, "steps": steps, "rounds": 2 if args.quick else 15,
                        "sizes": [1, BATCH] if args.quick else [1, BATCH, 64], "rows": [CALL_BLOCKS]})
     step_sweep = [{"steps": s, **ours_child(steps=s)} for s in ([5] if args.quick else [10, 25, 50, 100])]
     spec = _spec(bundle)
