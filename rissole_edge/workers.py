@@ -193,9 +193,9 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> CallC
                 raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
             times.append(clock() - t0)
         least.append(min(times[1:]) * 1e3)
-    (r0, r1), (t0, t1) = PROBE_ROWS, least
-    per_row = max(0.0, (t1 - t0) / (r1 - r0))
-    return CallCost(max(0.0, t0 - per_row * r0), per_row)
+    (few, many), (few_ms, many_ms) = PROBE_ROWS, least
+    per_row = max(0.0, (many_ms - few_ms) / (many - few))
+    return CallCost(max(0.0, few_ms - per_row * few), per_row)
 
 
 @dataclass(frozen=True)
