@@ -23,6 +23,7 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -152,7 +153,8 @@ def parity(s: Study, model: bytes, refs: dict[int, tuple[np.ndarray, np.ndarray]
 def sensitivity(s: Study, refs: dict, n: int, rounds: int) -> dict:
     edges = quantize.edge_convs(s.fp32)
     convs = [c.name for c in onnx.load_from_string(s.fp32).graph.node if c.op_type == "Conv" and c.name not in edges]
-    seed, (images, latents) = next(iter(refs.items()))
+    seed, (_, latents) = next(iter(refs.items()))
+    latents = latents[:n]
     out, kept = {}, {}
     for name in convs:
         alone = s.int8([c for c in convs if c != name] + edges)
@@ -185,21 +187,22 @@ def main() -> int:
         return 2
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    s = Study(args.run)
-    table = variants(s)
-    names = args.variants.split(",") if args.variants else list(table)
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        print(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(table)}", file=sys.stderr)
-        return 2
-    refs = {int(seed): s.sample(s.fp32, args.images, int(seed)) for seed in args.seeds.split(",")}
-    models = {"plain": table["plain"](), **{n: table[n]() for n in names if n != "plain"}}
-    result = {"images": args.images, "steps": STEPS, "variants": {n: parity(s, m, refs, args.images)
-                                                                   for n, m in models.items()}}
-    for name, ratio in call_ratios(s, models, args.rounds).items():
-        result["variants"][name]["call_ratio"] = ratio
-    if args.sensitivity:
-        result["sensitivity"] = sensitivity(s, refs, min(64, args.images), args.rounds)
+    with contextlib.redirect_stdout(sys.stderr):     # onnxruntime's calibrators print progress
+        s = Study(args.run)
+        table = variants(s)
+        names = args.variants.split(",") if args.variants else list(table)
+        unknown = [n for n in names if n not in table]
+        if unknown:
+            print(f"error: unknown variant {unknown[0]!r}; choose from {', '.join(table)}")
+            return 2
+        refs = {int(seed): s.sample(s.fp32, args.images, int(seed)) for seed in args.seeds.split(",")}
+        models = {"plain": table["plain"](), **{n: table[n]() for n in names if n != "plain"}}
+        result = {"images": args.images, "steps": STEPS, "variants": {n: parity(s, m, refs, args.images)
+                                                                       for n, m in models.items()}}
+        for name, ratio in call_ratios(s, models, args.rounds).items():
+            result["variants"][name]["call_ratio"] = ratio
+        if args.sensitivity:
+            result["sensitivity"] = sensitivity(s, refs, min(64, args.images), args.rounds)
     print(json.dumps(result, indent=1))
     return 0
 
