@@ -42,6 +42,8 @@ DEFAULT_ROWS = 128           # rows in flight without a budget: 96 peaked 2.8 MB
 MAX_ROWS = 256
 DECODE_PIXELS = 2048         # pixels per decoder call (2 fashion images, 1 twemoji): 4 were no faster, 1.6 MB bigger
 IMAGES_PER_GROUP = 16        # images whose conditions and latents are held at once (at least)
+MIN_ROWS_PER_SESSION = 16    # rows in flight each denoiser session must keep for a further one to be planned:
+                             # 2 workers need 16 fashion rows each (0.6 ms calls) to pay (workers.MIN_CALL_MS)
 
 
 def parse_size(text: str) -> int:
@@ -169,10 +171,12 @@ class Plan:
     budget: int | None
     images_per_group: int = IMAGES_PER_GROUP   # images generated together
     passes: int = 1            # denoiser rows per block per call (2: guidance's cond + uncond rows)
+    sessions: int = 1          # denoiser sessions, one per worker thread: the most workers a group may take
 
     def describe(self) -> str:
         return (f"{self.blocks_per_call} blocks in flight per denoiser step, {self.images_per_decode} images per "
-                f"decoder call" + (f", budget {mb(self.budget)}" if self.budget else ""))
+                f"decoder call, up to {self.sessions} denoiser session{'s' if self.sessions > 1 else ''}"
+                + (f", budget {mb(self.budget)}" if self.budget else ""))
 
 
 def passes(spec: Spec, guidance: float) -> int:
@@ -193,6 +197,11 @@ def held(bundle: Bundle) -> int:
     return int(ORT_ENV + SESSION_PER_MODEL_BYTE * onnx + index + PARSE_PER_BYTE * arrays)
 
 
+def session_bytes(bundle: Bundle) -> int:
+    """What one more denoiser session holds (a worker's own: `held` counts the first)."""
+    return int(SESSION_PER_MODEL_BYTE * bundle.members["denoiser.onnx"].size)
+
+
 def fixed(bundle: Bundle) -> int:
     """Bytes the process holds with the bundle open and before generating: the runtime (or
     what this process holds now, if more), the bundle, and a margin. Call it before opening."""
@@ -211,12 +220,22 @@ def minimum(spec: Spec, fixed_bytes: int, passes: int = 1) -> int:
     return fixed_bytes + passes * spec.blocks_together * spec.row_bytes + decode_bytes(spec, 1)
 
 
-def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1) -> Plan:
-    """Blocks in flight and images per decode that fit in the budget next to `fixed_bytes`
-    (`fixed`, taken before the bundle was opened); a block costs `passes` rows (2 under
-    guidance: cond and uncond in the same call). Refuses a budget below the minimum."""
+def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1,
+              workers: int = 1, session_bytes: int = 0) -> Plan:
+    """Blocks in flight, images per decode and denoiser sessions that fit in the budget next to
+    `fixed_bytes` (`fixed`, taken before the bundle was opened); a block costs `passes` rows (2
+    under guidance: cond and uncond in the same call). Refuses a budget below the minimum.
+
+    Each worker thread beyond the first runs on a session of its own (1.61-1.70x one thread at
+    32 fashion blocks per call, against 1.33-1.52x for two workers on one session:
+    benchmarks/results/threads.md), `session_bytes` each (`session_bytes(bundle)`). Up to
+    `workers` sessions are planned (without a budget, all of them; they are made when a group
+    first takes that many workers), under a budget only as many as leave every session
+    MIN_ROWS_PER_SESSION rows in flight; a budget with no room for a second session keeps
+    one worker."""
     pixels = spec.image_size ** 2
     decode = max(1, DECODE_PIXELS // pixels)
+    sessions = max(1, workers)
     if budget is None:
         rows = DEFAULT_ROWS
     else:
@@ -227,10 +246,16 @@ def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1)
         least_rows = passes * spec.blocks_together * spec.row_bytes
         while decode > 1 and (decode_bytes(spec, decode) > free // 2 or free - decode_bytes(spec, decode) < least_rows):
             decode //= 2
-        rows = min(MAX_ROWS, (free - decode_bytes(spec, decode)) // max(spec.row_bytes, 1))
+
+        def rows_with(count: int) -> int:     # rows in flight that fit beside `count` sessions
+            return (free - decode_bytes(spec, decode) - (count - 1) * session_bytes) // max(spec.row_bytes, 1)
+
+        sessions = next((s for s in range(sessions, 1, -1)
+                         if rows_with(s) >= s * max(MIN_ROWS_PER_SESSION, passes * spec.blocks_together)), 1)
+        rows = min(MAX_ROWS, rows_with(sessions))
     together = spec.blocks_together      # whole images per call when blocks see their neighbours
     blocks = max(together, rows // passes // together * together)
     # Groups hold enough blocks for two rounds of calls on every worker (without a budget; under
     # one, IMAGES_PER_GROUP), so that a caller gets finished images as it goes (the CLI writes them).
     group = IMAGES_PER_GROUP if budget else max(IMAGES_PER_GROUP, 2 * blocks // max(spec.positions, 1))
-    return Plan(int(blocks), int(decode), budget, int(group), passes)
+    return Plan(int(blocks), int(decode), budget, int(group), passes, sessions)

@@ -89,6 +89,9 @@ class Generator:
         if spec.k and "cond" not in self._denoiser_inputs:
             raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
         self._cost = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
+        # A session per worker (2 workers on one session: each call about 10% dearer); a
+        # further worker's session is made when a group first takes it (`_another_denoiser`).
+        self._denoisers = workers.Sessions(lambda: self.denoiser, self._another_denoiser)
         self.last_workers = 1          # worker threads the last group's denoising took (bench reports it)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
@@ -119,7 +122,8 @@ class Generator:
             bundle = Bundle.open(shipped.resolve(path), trusted_keys)
         spec = Spec.from_manifest(bundle.manifest)
         # Planned (and a budget too small refused) before anything is loaded.
-        plan = budget.make_plan(budget_bytes, spec, budget.fixed(bundle), budget.passes(spec, spec.guidance))
+        plan = budget.make_plan(budget_bytes, spec, budget.fixed(bundle), budget.passes(spec, spec.guidance),
+                                threads or workers.cores(), budget.session_bytes(bundle))
         return cls(bundle, spec, threads, plan)
 
     def __enter__(self) -> "Generator":
@@ -132,7 +136,7 @@ class Generator:
         """Release the sessions and the database (their memory goes with them)."""
         with self._lock:
             self._closed = True
-            self.denoiser = self.decoder = self.encoder = self.db = None  # type: ignore[assignment]
+            self.denoiser = self.decoder = self.encoder = self.db = self._denoisers = None  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ generation
 
@@ -250,6 +254,16 @@ class Generator:
             self.encoder = workers.session(self.bundle, "encoder.onnx")
         return self.encoder
 
+    def _another_denoiser(self) -> ort.InferenceSession:
+        """One more denoiser session, for one more worker. Building it pages in onnxruntime's
+        graph code again: the library pages that generation paged in are dropped before it and
+        those it paged in after, as `__init__` does (`budget.release_code_pages`), so that the
+        process's peak grows by about the session alone."""
+        budget.release_code_pages()
+        made = workers.session(self.bundle, "denoiser.onnx")
+        budget.release_code_pages()
+        return made
+
     def _encode_query(self, like: str | Path | Image.Image) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image
 
@@ -289,6 +303,10 @@ class Generator:
         out = np.empty((len(ids),) + shape, np.float32)
 
         def run_chunk(items: list[tuple[int, int]]) -> None:
+            with self._denoisers.take() as denoiser:
+                denoise_chunk(items, denoiser)
+
+        def denoise_chunk(items: list[tuple[int, int]], denoiser: ort.InferenceSession) -> None:
             img = np.array([i for i, _ in items])
             pos = np.array([p for _, p in items], dtype=np.int64)
             x = _blocks_of_images(lambda r: rng.initial_noise(seed, ids[r], shape), img, pos)
@@ -304,7 +322,7 @@ class Generator:
                     xt, t = np.concatenate([xt, xt]), np.concatenate([t, t])
                     window = None if window is None else np.concatenate([window, window])
                 feeds = {"x": xt, "t": t, "pos": both_pos, "cond": both_c, "window": window}
-                eps = _run(self.denoiser, "denoiser", ["eps"],
+                eps = _run(denoiser, "denoiser", ["eps"],
                            {k: v for k, v in feeds.items() if k in self._denoiser_inputs})[0]
                 if guided:
                     eps, uncond = eps[:len(eps) // 2], eps[len(eps) // 2:]
@@ -325,7 +343,8 @@ class Generator:
         def call_ms(n: int) -> float:       # one thread's call of n units: passes * together rows each
             return self._cost.ms(n * passes * together)
 
-        plan = workers.choose(units, in_flight, call_ms, self.threads)
+        plan = workers.choose(units, in_flight, call_ms, self.threads, self.plan.sessions)
+        self._denoisers.grow(plan.workers)
         per_call = plan.per_call * together
         workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers,
                     workers.one_thread_s(units, in_flight, call_ms, steps))

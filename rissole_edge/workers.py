@@ -5,10 +5,12 @@ intra-op threads fork and join around every kernel, so 2 intra-op threads measur
 one thread on a busy machine and 0.45-0.54x with both cores free (`rissole-edge bench`,
 benchmarks/results/threads.md). Blocks are independent, so the parallelism that
 pays is across blocks: worker threads take whole chunks of blocks from one queue and carry
-each through every sampling step. All workers call the same single-threaded session:
-onnxruntime's `run` is thread-safe and releases the GIL, and a second session would cost about
-7 MB of RSS. Taking chunks from a queue, rather than a fixed half each, keeps both cores busy
-when one of them is shared with another process.
+each through every sampling step, each on a single-threaded session of its own (`Sessions`):
+onnxruntime's `run` is thread-safe and releases the GIL, but two threads calling one session
+made each call about 10% dearer (benchmarks/results/threads.md). A worker's session costs
+about 7 MB of RSS, so the memory planner counts it (budget.make_plan) and it is made only when
+a group first takes that worker. Taking chunks from a queue, rather than a fixed half each,
+keeps both cores busy when one of them is shared with another process.
 
 A worker pays only when its share of a call is work enough to hide the handover, so the plan
 is chosen from the work per call measured on this machine (`probe`): small calls run on one
@@ -30,7 +32,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -145,6 +148,39 @@ def session(bundle: Bundle, member: str) -> ort.InferenceSession:
     return made
 
 
+class Sessions:
+    """Sessions of one model, one per worker thread: `first()` (read at each use, so that a
+    caller may wrap it) and others that `grow` makes with `make()`. A chunk's calls `take` the
+    least-used session, so that workers as many as the sessions each run on their own."""
+
+    def __init__(self, first: Callable[[], ort.InferenceSession], make: Callable[[], ort.InferenceSession]):
+        self._first, self._make = first, make
+        self._others: list[ort.InferenceSession] = []
+        self._users = [0]
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return 1 + len(self._others)
+
+    def grow(self, count: int) -> None:
+        """At least `count` sessions (call it before the workers start)."""
+        while len(self) < count:
+            self._others.append(self._make())
+            self._users.append(0)
+
+    @contextmanager
+    def take(self) -> Iterator[ort.InferenceSession]:
+        """The session that the fewest chunks are using now, for one chunk's calls."""
+        with self._lock:
+            i = self._users.index(min(self._users))
+            self._users[i] += 1
+        try:
+            yield self._first() if i == 0 else self._others[i - 1]
+        finally:
+            with self._lock:
+                self._users[i] -= 1
+
+
 def first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
@@ -205,15 +241,20 @@ class ThreadPlan:
     per_call: int             # blocks of one chunk (one denoiser call per sampling step)
 
 
-def choose(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], threads: int | None) -> ThreadPlan:
+def choose(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], threads: int | None,
+           max_workers: int | None = None) -> ThreadPlan:
     """The plan for `blocks` blocks, at most `max_in_flight` at a time over all workers (the
-    memory plan's bound), where one thread's call of b blocks takes call_ms(b). `threads` None:
+    memory plan's bound), where one thread's call of b blocks takes call_ms(b), on at most
+    `max_workers` workers (the memory plan's sessions). `threads` None:
     as many workers as cores, but only as many as each get a call of MIN_CALL_MS, and only on
-    cores that are idle now; a number: exactly that many (as far as there are blocks), as
-    asked."""
+    cores that are idle now; a number: exactly that many (as far as there are blocks and
+    sessions), as asked."""
+    most = cores() if max_workers is None else min(cores(), max_workers)
     if threads is None:
-        useful = next((w for w in range(cores(), 1, -1) if call_ms(_chunk(blocks, max_in_flight, w)) >= MIN_CALL_MS), 1)
+        useful = next((w for w in range(most, 1, -1) if call_ms(_chunk(blocks, max_in_flight, w)) >= MIN_CALL_MS), 1)
         threads = min(useful, idle_cores()) if useful > 1 else 1
+    elif max_workers is not None:
+        threads = min(threads, max_workers)
     workers = max(1, min(threads, blocks, max_in_flight))
     return ThreadPlan(workers, _chunk(blocks, max_in_flight, workers))
 
