@@ -219,8 +219,8 @@ def child_ort_ceiling(a: dict) -> dict:
 
 def child_denoiser_gops(a: dict) -> dict:
     """GOPS of the shipped denoiser on calls of CALL_BLOCKS blocks: one thread, and all cores
-    (one Python thread per core, each running its share of the blocks on one single-threaded
-    session: onnxruntime releases the GIL; how the runtime spreads blocks over cores). MACs are
+    (one Python thread per core, each running its share of the blocks on a single-threaded
+    session of its own: onnxruntime releases the GIL; how the runtime spreads blocks over cores). MACs are
     the layers' true count (graph.node_macs, recorded in the manifest at rewrite time), and the
     count the rewritten graph executes (no padding taps in its GEMMs)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -238,8 +238,10 @@ def child_denoiser_gops(a: dict) -> dict:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=workers.DISABLED_OPTIMIZERS)     # as the runtime runs it
+    def make() -> ort.InferenceSession:        # as the runtime runs it
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=workers.DISABLED_OPTIMIZERS)
+    sess = make()
     c, s = spec.latent_channels, spec.block_side
     feeds = {"x": np.zeros((CALL_BLOCKS, c, s, s), np.float32), "t": np.full(CALL_BLOCKS, 500.0, np.float32),
              "pos": np.zeros(CALL_BLOCKS, np.int64), "cond": np.zeros((CALL_BLOCKS, spec.k * c, s, s), np.float32)}
@@ -249,8 +251,9 @@ def child_denoiser_gops(a: dict) -> dict:
     parts = [{k: v[i:i + share] for k, v in feeds.items()} for i in range(0, CALL_BLOCKS, share)]
     one = median_seconds(lambda: sess.run(["eps"], feeds), 10)
     one_cpu = _thread_cpu_seconds(lambda: sess.run(["eps"], feeds), 10)
+    own = [sess] + [make() for _ in parts[1:]]         # a session per worker, as the runtime's workers.Sessions
     with ThreadPoolExecutor(cores) as pool:
-        every = median_seconds(lambda: list(pool.map(lambda f: sess.run(["eps"], f), parts)), 10)
+        every = median_seconds(lambda: list(pool.map(lambda m, f: m.run(["eps"], f), own, parts)), 10)
     return {"macs_per_block": layers, "executed_macs_per_block": executed, "call_blocks": CALL_BLOCKS,
             "macs_per_image_per_step": layers * spec.positions, "cores": cores,
             "call_ms_1_thread": one * 1e3, "call_ms_all_cores": every * 1e3, "call_cpu_ms_1_thread": one_cpu * 1e3,
@@ -386,7 +389,7 @@ def _thread_lines(plans: dict) -> list[str]:
         lines.append(f"| {size} | {m['1 thread']:.1f} | {m['2 threads']:.1f} ({x['2 threads']:.2f}x) | "
                      f"{m['default']:.1f} ({x['default']:.2f}x) | {row.get('default_is', '-')} "
                      f"(workers per round: {row['default_workers']}) | {_fmt(row.get('default_vs_the_other_plan'), '.2f')}x |")
-    lines += ["", "| one denoiser call | 1 thread | 2 intra-op threads | 2 workers on halves (one session) |",
+    lines += ["", "| one denoiser call | 1 thread | 2 intra-op threads | 2 workers on halves (a session each) |",
               "|---|---|---|---|"]
     for size, row in plans["calls_ms"].items():
         m, x = row["median"], row["speedup_over_1_thread"]

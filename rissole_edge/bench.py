@@ -91,16 +91,18 @@ def _plans(cfg: dict) -> dict:
     threaded.intra_op_num_threads = 2
     intra = ort.InferenceSession(gens["1 thread"].bundle.read("denoiser.onnx"), threaded,
                                  providers=["CPUExecutionProvider"])
+    other = workers.session(gens["1 thread"].bundle, "denoiser.onnx")    # the second worker's own, as in generation
     for rows in cfg["rows"]:
         feeds = workers.dummy_feeds(spec, rows, inputs)
         halves = [{k: v[a:a + -(-rows // 2)] for k, v in feeds.items()} for a in (0, -(-rows // 2))]
         repeats = max(5, 2000 // rows)
 
-        def calls(session, feeds_list, threads):      # as generation runs them: one handover per many calls
-            workers.run(lambda f: [session.run(["eps"], f) for _ in range(repeats)], feeds_list, threads)
+        def calls(work: list[tuple[ort.InferenceSession, dict]], threads: int) -> None:
+            """As generation runs them: one handover per many calls."""
+            workers.run(lambda job: [job[0].run(["eps"], job[1]) for _ in range(repeats)], work, threads)
 
-        contenders = {"1 thread": lambda: calls(one, [feeds], 1), "2 intra-op threads": lambda: calls(intra, [feeds], 1),
-                   "2 workers on halves": lambda: calls(one, halves, 2)}
+        contenders = {"1 thread": lambda: calls([(one, feeds)], 1), "2 intra-op threads": lambda: calls([(intra, feeds)], 1),
+                      "2 workers on halves": lambda: calls([(one, halves[0]), (other, halves[1])], 2)}
         times = {name: [] for name in contenders}
         for _ in range(rounds):
             for name, run in contenders.items():
