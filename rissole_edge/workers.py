@@ -49,7 +49,9 @@ from .onnx_guard import check_self_contained
 # benchmarks/results/threads.md): 2 workers gave 0.83x one thread at 2 blocks per worker and call
 # (a 0.20 ms call), 1.25x at 8 (0.38 ms), 1.51x at 16 (0.62 ms; never below 1.38x in a round) and
 # 1.71x at 32 (1.10 ms): onnxruntime's fixed cost per call (0.14 ms, against 0.03 ms a block) and
-# the Python between calls eat the gain of small calls.
+# the Python between calls eat the gain of small calls. Those were workers on one shared session;
+# on a session each they gave 1.13x at 2 blocks, 1.47x at 8 and 1.64x at 16 (threads.md). The
+# threshold stays, so that a default -n 1 or -n 4 keeps one worker and never makes a second session.
 MIN_CALL_MS = 0.5
 # Workers whose run took longer than one thread's estimated time / MIN_GAIN did not pay. Estimated
 # gains at 32 fashion blocks per call: 1.4-1.5 with both cores ours, 0.8-0.9 when another process
