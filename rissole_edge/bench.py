@@ -55,7 +55,12 @@ def _child(cfg: dict) -> dict:
 
 
 def _plans(cfg: dict) -> dict:
-    """The default thread plan against the options it chooses between, interleaved rounds."""
+    """The default thread plan against the options it chooses between, interleaved rounds. Every
+    option first generates each size once, untimed, so that the rounds time warm Generators:
+    a forced 2 threads makes its second session in its first group, the default plan once its
+    groups' savings have paid for it (workers.Sessions.worth_growing: after the largest size
+    here), and neither making is in the rounds. (A one-shot run of a few images never makes it:
+    one thread is then the faster option, by the making time.)"""
     import onnxruntime as ort
 
     from . import workers
@@ -65,6 +70,10 @@ def _plans(cfg: dict) -> dict:
     gens = {name: Generator.open(cfg["bundle"], threads=t) for name, t in options.items()}
     spec, rounds = gens["default"].spec, cfg["rounds"]
     out: dict = {"config": cfg, "cores": workers.cores(), "generate_ms_per_image": {}, "calls_ms": {}}
+    for n in cfg["sizes"]:
+        for gen in gens.values():
+            gen.generate(n, seed=0, steps=cfg["steps"], as_array=True)
+    out["default_sessions"] = len(gens["default"]._denoisers)
     for n in cfg["sizes"]:
         times: dict[str, list[float]] = {name: [] for name in gens}
         cpu: dict[str, list[float]] = {name: [] for name in gens}

@@ -9,6 +9,7 @@ serialised on the heavy part so that the process stays within its memory budget.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +73,10 @@ class Generator:
 
     def __init__(self, bundle: Bundle, spec: Spec, threads: int | None, plan: budget.Plan):
         self.bundle, self.spec, self.threads, self.plan = bundle, spec, threads, plan
+        start = time.perf_counter()
         budget.release_code_pages()         # library code the imports ran once, before the sessions add theirs
         self.denoiser = workers.session(bundle, "denoiser.onnx")
+        build_s = time.perf_counter() - start      # about what a further one costs (`_another_denoiser`)
         # The exporter drops inputs a model ignores (pos when there is one block position).
         self._denoiser_inputs = {i.name for i in self.denoiser.get_inputs()}
         self.decoder = workers.session(bundle, "decoder.onnx")
@@ -90,8 +93,10 @@ class Generator:
             raise BundleError("the bundle's denoiser takes no neighbours, but the manifest says k > 0")
         self._cost = workers.probe(self.denoiser, spec, self._denoiser_inputs)   # chooses thread plans
         # A session per worker (2 workers on one session: each call about 10% dearer); a
-        # further worker's session is made when a group first takes it (`_another_denoiser`).
-        self._denoisers = workers.Sessions(lambda: self.denoiser, self._another_denoiser)
+        # further worker's session (`_another_denoiser`) is made when a forced --threads first
+        # takes that worker, or once the default plan's groups have forgone savings worth
+        # making it (`Sessions.worth_growing`).
+        self._denoisers = workers.Sessions(lambda: self.denoiser, self._another_denoiser, build_s)
         self.last_workers = 1          # worker threads the last group's denoising took (bench reports it)
         self.encoder: ort.InferenceSession | None = None     # opened on the first --like query
         self.db = Database(bundle, spec)
@@ -344,10 +349,14 @@ class Generator:
             return self._cost.ms(n * passes * together)
 
         plan = workers.choose(units, in_flight, call_ms, self.threads, self.plan.sessions)
+        one = workers.denoise_s(units, in_flight, call_ms, steps)
+        if self.threads is None and not self._denoisers.worth_growing(
+                plan.workers, one - workers.denoise_s(units, in_flight, call_ms, steps, plan.workers)):
+            plan = workers.choose(units, in_flight, call_ms, None, len(self._denoisers))   # the sessions there are
         self._denoisers.grow(plan.workers)
         per_call = plan.per_call * together
         workers.run(run_chunk, [work[a:a + per_call] for a in range(0, len(work), per_call)], plan.workers,
-                    workers.one_thread_s(units, in_flight, call_ms, steps))
+                    (one, workers.denoise_s(units, in_flight, call_ms, steps, plan.workers)))
         return out, plan.workers
 
     def _decode(self, latents: np.ndarray, threads: int = 1) -> np.ndarray:

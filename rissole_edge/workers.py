@@ -8,8 +8,10 @@ pays is across blocks: worker threads take whole chunks of blocks from one queue
 each through every sampling step, each on a single-threaded session of its own (`Sessions`):
 onnxruntime's `run` is thread-safe and releases the GIL, but two threads calling one session
 made each call about 10% dearer (benchmarks/results/threads.md). A worker's session costs
-about 7 MB of RSS, so the memory planner counts it (budget.make_plan) and it is made only when
-a group first takes that worker. Taking chunks from a queue, rather than a fixed half each,
+about 7 MB of RSS, so the memory planner counts it (budget.make_plan), and 34-38 ms to make, so
+it is made only when a group takes that worker and, for the default plan, only once the savings
+that its groups forwent add up to that time (`Sessions.worth_growing`): a one-shot run of a
+few images stays on one thread. Taking chunks from a queue, rather than a fixed half each,
 keeps both cores busy when one of them is shared with another process.
 
 A worker pays only when its share of a call is work enough to hide the handover, so the plan
@@ -44,19 +46,30 @@ from .budget import release_free_memory
 from .bundle import Bundle, BundleError, Spec
 from .onnx_guard import check_self_contained
 
-# One thread's time (`probe`'s CallCost) of each worker's call must reach this for a worker to pay.
-# Measured with the other core free (fashion denoiser, 50 steps, interleaved rounds,
-# benchmarks/results/threads.md): 2 workers gave 0.83x one thread at 2 blocks per worker and call
-# (a 0.20 ms call), 1.25x at 8 (0.38 ms), 1.51x at 16 (0.62 ms; never below 1.38x in a round) and
-# 1.71x at 32 (1.10 ms): onnxruntime's fixed cost per call (0.14 ms, against 0.03 ms a block) and
-# the Python between calls eat the gain of small calls. Those were workers on one shared session;
-# on a session each they gave 1.13x at 2 blocks, 1.47x at 8 and 1.64x at 16 (threads.md). The
-# threshold stays, so that a default -n 1 or -n 4 keeps one worker and never makes a second session.
-MIN_CALL_MS = 0.5
+# Several workers are taken where their estimated time (`denoise_s`) beats one thread's by this
+# factor, where their sessions exist. Measured with the other core free (fashion denoiser, 50
+# steps, interleaved rounds, benchmarks/results/threads.md "A session per worker"): 2 workers on a
+# session each gave 1.13x one thread at 2 blocks per worker and call (estimated 1.10-1.13 from
+# probe's 0.15-0.19 ms a call and 0.03 a row), 1.47x at 8 blocks per worker (estimated 1.5) and
+# 1.64x at 16 (1.7). One block per worker is estimated at 1.00: the handover eats what the
+# shorter call saves. On one shared session the 2-block calls lost (0.83x), which is why a
+# worker needed a 0.5 ms call before each had its own. Whether to make a further session for a
+# worker is decided apart (`Sessions.worth_growing`).
+MIN_WORKER_GAIN = 1.05
+# What a worker's call costs beyond one thread's time of the same call: the handover and the GIL
+# between calls. Fitted to the same runs: 2 workers at 4, 16 and 32 blocks per call took 0.03,
+# 0.01 and 0.005 ms a step more than their chunk's call plus the Python one thread runs between
+# calls (which the workers run too, one at a time).
+HANDOVER_MS = 0.03
 # Workers whose run took longer than one thread's estimated time / MIN_GAIN did not pay. Estimated
 # gains at 32 fashion blocks per call: 1.4-1.5 with both cores ours, 0.8-0.9 when another process
 # or the host took one.
 MIN_GAIN = 1.1
+# Only runs whose workers were estimated to gain at least this are judged so: the one-thread
+# estimate leaves out the Python between calls (about a tenth of a 4-block step), so at 4 fashion
+# blocks, where 2 workers measured 1.13x, a good run reads about 1.02 and would look like a failed
+# one. Estimated 1.12 there, 1.5 at 16 blocks and 1.7 at 32.
+JUDGED_GAIN = 1.3
 # After such a run the default plan stays on one thread for HOLD_S, twice as long after each
 # further such run, up to MAX_HOLD_S (a retry costs one group at about 0.85x; a success saves a
 # third of each group's time).
@@ -153,22 +166,44 @@ def session(bundle: Bundle, member: str) -> ort.InferenceSession:
 class Sessions:
     """Sessions of one model, one per worker thread: `first()` (read at each use, so that a
     caller may wrap it) and others that `grow` makes with `make()`. A chunk's calls `take` the
-    least-used session, so that workers as many as the sessions each run on their own."""
+    least-used session, so that workers as many as the sessions each run on their own.
+    `build_s` is what making one more is expected to take: the caller's measure of the first,
+    then the last one `grow` made."""
 
-    def __init__(self, first: Callable[[], ort.InferenceSession], make: Callable[[], ort.InferenceSession]):
+    def __init__(self, first: Callable[[], ort.InferenceSession], make: Callable[[], ort.InferenceSession],
+                 build_s: float = 0.0):
         self._first, self._make = first, make
         self._others: list[ort.InferenceSession] = []
         self._users = [0]
         self._lock = threading.Lock()
+        self.build_s = build_s
+        self._forgone_s = 0.0
 
     def __len__(self) -> int:
         return 1 + len(self._others)
 
+    def worth_growing(self, count: int, saving_s: float) -> bool:
+        """Whether a group that `count` workers would run `saving_s` seconds faster than the
+        sessions there are should make the missing ones. Making one costs about build_s (a
+        second fashion session 34-38 ms, against about 6 ms for a whole one-image run at 20
+        steps, of which 2 workers would save under 1 ms), so the savings forgone add up until
+        they reach that cost and only then is it paid (rent until the rent paid equals the
+        price: never more than twice the best choice made knowing the future). A one-shot
+        `generate -n 1` or `-n 4` never makes it; a process that keeps generating does, soon
+        after its groups' forgone savings pay for it, whatever their size."""
+        if count <= len(self):
+            return True
+        self._forgone_s += max(0.0, saving_s)
+        return self._forgone_s >= self.build_s
+
     def grow(self, count: int) -> None:
-        """At least `count` sessions (call it before the workers start)."""
+        """At least `count` sessions (call it before the workers start); each one's making time
+        becomes the next `build_s`."""
         while len(self) < count:
+            start = time.perf_counter()
             self._others.append(self._make())
             self._users.append(0)
+            self.build_s, self._forgone_s = time.perf_counter() - start, 0.0
 
     @contextmanager
     def take(self) -> Iterator[ort.InferenceSession]:
@@ -248,17 +283,20 @@ def choose(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], thr
     """The plan for `blocks` blocks, at most `max_in_flight` at a time over all workers (the
     memory plan's bound), where one thread's call of b blocks takes call_ms(b), on at most
     `max_workers` workers (the memory plan's sessions). `threads` None:
-    as many workers as cores, but only as many as each get a call of MIN_CALL_MS, and only on
-    cores that are idle now; a number: exactly that many (as far as there are blocks and
-    sessions), as asked."""
+    as many workers as cores, but only as many as are estimated to beat one thread by
+    MIN_WORKER_GAIN, and only on cores that are idle now; a number: exactly that many (as far
+    as there are blocks and sessions), as asked."""
     most = cores() if max_workers is None else min(cores(), max_workers)
     if threads is None:
-        useful = next((w for w in range(most, 1, -1) if call_ms(_chunk(blocks, max_in_flight, w)) >= MIN_CALL_MS), 1)
+        one = denoise_s(blocks, max_in_flight, call_ms, 1)
+        useful = next((w for w in range(most, 1, -1)
+                       if one >= MIN_WORKER_GAIN * denoise_s(blocks, max_in_flight, call_ms, 1, w)), 1)
         threads = min(useful, idle_cores()) if useful > 1 else 1
     elif max_workers is not None:
         threads = min(threads, max_workers)
     workers = max(1, min(threads, blocks, max_in_flight))
-    return ThreadPlan(workers, _chunk(blocks, max_in_flight, workers))
+    per_call = _chunk(blocks, max_in_flight, workers)
+    return ThreadPlan(min(workers, -(-blocks // per_call)), per_call)     # no worker (nor session) without a chunk
 
 
 def _chunk(blocks: int, max_in_flight: int, workers: int) -> int:
@@ -266,20 +304,26 @@ def _chunk(blocks: int, max_in_flight: int, workers: int) -> int:
     return max(1, min(max_in_flight // workers, -(-blocks // workers)))
 
 
-def one_thread_s(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], steps: int) -> float:
-    """Seconds one thread would take for the denoiser calls of `blocks` blocks through `steps`
-    steps (`choose`'s arguments): what `run` holds several workers' time against."""
-    per_call = _chunk(blocks, max_in_flight, 1)
-    full, rest = divmod(blocks, per_call)
-    return steps * (full * call_ms(per_call) + (call_ms(rest) if rest else 0.0)) / 1e3
+def denoise_s(blocks: int, max_in_flight: int, call_ms: Callable[[int], float], steps: int,
+              workers: int = 1) -> float:
+    """Seconds that the denoiser calls of `blocks` blocks through `steps` steps are estimated to
+    take on `workers` workers (`choose`'s arguments): the calls of the worker that takes the most
+    chunks, each call HANDOVER_MS dearer where there are several workers. One thread's estimate
+    is what `run` holds several workers' time against; the Python between calls is left out of
+    both (the workers run it one at a time, as one thread does)."""
+    per_call = _chunk(blocks, max_in_flight, workers)
+    sizes = [per_call] * (blocks // per_call) + ([blocks % per_call] if blocks % per_call else [])
+    extra = HANDOVER_MS if workers > 1 else 0.0
+    return steps * sum(call_ms(b) + extra for b in sizes[::workers]) / 1e3
 
 
 def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int,
-        one_thread: float | None = None) -> None:
+        estimate: tuple[float, float] | None = None) -> None:
     """job(chunk) for every chunk, on `workers` threads that take chunks in order from one
     queue (the calling thread is one of them). The first error stops the others' taking and
-    is raised here. Given `one_thread`, seconds one thread would take for all of it, several
-    workers' gain over that is noted (`note_gain`)."""
+    is raised here. Given `estimate`, the seconds one thread and these workers are estimated
+    to take (`denoise_s`), several workers' gain over one thread is noted (`note_gain`) where
+    they were estimated to gain at least JUDGED_GAIN."""
     if workers <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             job(chunk)
@@ -318,5 +362,5 @@ def run(job: Callable[[Item], None], chunks: Sequence[Item], workers: int,
     if errors:
         raise errors[0]
     took = time.perf_counter() - start
-    if one_thread is not None and took >= MIN_TIMED_S:
-        note_gain(one_thread / took)
+    if estimate is not None and took >= MIN_TIMED_S and estimate[0] >= JUDGED_GAIN * estimate[1]:
+        note_gain(estimate[0] / took)

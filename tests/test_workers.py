@@ -29,7 +29,7 @@ FASHION = workers.CallCost(0.14, 0.03)     # probe's figures for the fashion den
 def test_thread_plans_follow_the_work_per_call(monkeypatch):
     monkeypatch.setattr(workers, "cores", lambda: 2)
     monkeypatch.setattr(workers, "idle_cores", lambda: 2)
-    assert workers.choose(8, 128, FASHION.ms, None) == workers.ThreadPlan(1, 8)     # 0.26 ms calls each: one
+    assert workers.choose(2, 128, FASHION.ms, None) == workers.ThreadPlan(1, 2)     # a block each: no gain
     assert workers.choose(4000, 128, FASHION.ms, None) == workers.ThreadPlan(2, 64)  # half the memory plan each
     assert workers.choose(16, 128, FASHION.ms, 3) == workers.ThreadPlan(3, 6)       # a number is obeyed
     assert workers.choose(2, 128, FASHION.ms, 4).workers == 2      # but never more workers than blocks
@@ -37,27 +37,33 @@ def test_thread_plans_follow_the_work_per_call(monkeypatch):
     monkeypatch.setattr(workers, "idle_cores", lambda: 1)     # the other core is busy: one thread
     assert workers.choose(4000, 128, FASHION.ms, None) == workers.ThreadPlan(1, 128)
     monkeypatch.setattr(workers, "cores", lambda: 4)
-    monkeypatch.setattr(workers, "idle_cores", lambda: 4)     # as many workers as get a call of MIN_CALL_MS
-    assert workers.choose(40, 512, FASHION.ms, None).workers == 3      # 14 blocks: 0.56 ms; 10 would be 0.44
+    monkeypatch.setattr(workers, "idle_cores", lambda: 4)     # as many workers as beat one thread by MIN_WORKER_GAIN
+    assert workers.choose(6, 512, FASHION.ms, None) == workers.ThreadPlan(3, 2)     # 4 would leave one without a chunk
 
 
 def test_the_switch_sits_between_the_measured_sizes(monkeypatch):
-    """With the other core free, 2 workers measured 1.51x one thread at 32 blocks per call,
-    1.25x at 16 and 0.83x at 4: 32 blocks take both cores, 16 and 4 one, also where the probe
-    reads the calls a fifth dearer (a loaded machine)."""
+    """On a session each, 2 workers measured 1.13x one thread at 4 blocks per call (2 per
+    worker), 1.47x at 16 and 1.64x at 32: all take both cores, also where the probe reads the
+    calls dearer (a loaded machine: 0.17 ms a call, 0.036 a row), while 2 blocks (one per
+    worker) would gain nothing and stay on one thread."""
     monkeypatch.setattr(workers, "cores", lambda: 2)
     monkeypatch.setattr(workers, "idle_cores", lambda: 2)
-    for cost in (FASHION, workers.CallCost(0.17, 0.036)):
+    for cost in (FASHION, workers.CallCost(0.17, 0.036), workers.CallCost(0.19, 0.028)):
         assert workers.choose(32, 512, cost.ms, None) == workers.ThreadPlan(2, 16), cost
-        assert workers.choose(16, 512, cost.ms, None).workers == 1, cost
-        assert workers.choose(4, 512, cost.ms, None).workers == 1, cost
+        assert workers.choose(16, 512, cost.ms, None).workers == 2, cost
+        assert workers.choose(4, 512, cost.ms, None) == workers.ThreadPlan(2, 2), cost
+        assert workers.choose(2, 512, cost.ms, None).workers == 1, cost
 
 
-def test_one_thread_time_counts_its_calls():
+def test_the_estimate_counts_each_workers_calls():
     """One thread runs chunks of at most the memory plan's blocks: 70 blocks at 32 in flight
-    are calls of 32, 32 and 6 blocks each step."""
-    assert workers.one_thread_s(70, 32, FASHION.ms, 50) == pytest.approx(50 * (2 * 1.1 + 0.32) / 1e3)
-    assert workers.one_thread_s(32, 512, FASHION.ms, 4) == pytest.approx(4 * 1.1 / 1e3)
+    are calls of 32, 32 and 6 blocks each step. Two workers split them: the busier takes two
+    chunks (32 and 6), each call HANDOVER_MS dearer; 32 blocks are one call of 16 each."""
+    h = workers.HANDOVER_MS
+    assert workers.denoise_s(70, 32, FASHION.ms, 50) == pytest.approx(50 * (2 * 1.1 + 0.32) / 1e3)
+    assert workers.denoise_s(32, 512, FASHION.ms, 4) == pytest.approx(4 * 1.1 / 1e3)
+    assert workers.denoise_s(70, 64, FASHION.ms, 50, 2) == pytest.approx(50 * (1.1 + h + 0.32 + h) / 1e3)
+    assert workers.denoise_s(32, 512, FASHION.ms, 4, 2) == pytest.approx(4 * (0.62 + h) / 1e3)
 
 
 def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch):
@@ -122,16 +128,20 @@ def test_workers_that_did_not_pay_hold_the_plan_on_one_thread(monkeypatch):
 
 def test_run_notes_the_gain_over_one_thread(monkeypatch):
     """Two workers that each wait 30 ms took at least 30 ms: against a one-thread estimate of
-    10 ms that is no gain, against 10 s a large one; without an estimate, or on one thread,
-    nothing is noted."""
+    10 ms that is no gain, against 10 s a large one; without an estimate, on one thread, or
+    where the workers were estimated to gain less than JUDGED_GAIN (the estimate's error is as
+    big as such a gain), nothing is noted."""
     noted = []
     monkeypatch.setattr(workers, "note_gain", noted.append)
-    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, one_thread=0.01)
-    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, one_thread=10.0)
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, (0.01, 0.005))
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, (10.0, 5.0))
     assert len(noted) == 2 and noted[0] < workers.MIN_GAIN < noted[1]
     workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2)
-    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 1, one_thread=0.01)
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 1, (0.01, 0.005))
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, (0.01, 0.01 / (workers.JUDGED_GAIN - 0.01)))
     assert len(noted) == 2
+    workers.run(lambda chunk: time.sleep(0.03), [0, 1], 2, (0.01, 0.01 / (workers.JUDGED_GAIN + 0.01)))
+    assert len(noted) == 3
 
 
 def test_workers_run_every_chunk_once_and_raise_the_first_error():

@@ -77,3 +77,53 @@ def test_sessions_are_taken_least_used_first():
         assert again == "first"
     pool.grow(2)
     assert len(made) == 2
+
+
+def test_a_session_is_made_once_the_savings_forgone_pay_for_it(monkeypatch):
+    """Making a session costs build_s (a fashion one about 36 ms). A group that a second worker
+    would make 1 ms faster (a one-image run) does not pay it; once the savings forgone add up
+    to build_s, it is made; a group saving more than build_s makes it at once. Sessions that
+    exist are always worth taking, and each making's time is the next build_s."""
+    clock = [0.0]
+    monkeypatch.setattr(workers.time, "perf_counter", lambda: clock[0])
+
+    def make() -> str:
+        clock[0] += 0.05                      # this making takes 50 ms
+        return "other"
+
+    pool = workers.Sessions(lambda: "first", make, build_s=0.0355)
+    assert pool.worth_growing(1, 0.0)
+    assert not pool.worth_growing(2, -5.0)                 # a loss forgone saves nothing (and counts nothing)
+    assert not any(pool.worth_growing(2, 0.001) for _ in range(35))      # 35 one-image runs: 35 ms forgone
+    assert pool.worth_growing(2, 0.001)                                  # the 36th pays for it
+    pool.grow(2)
+    assert len(pool) == 2 and pool.build_s == pytest.approx(0.05)
+    assert pool.worth_growing(2, 0.0)                      # it exists now
+    assert not pool.worth_growing(3, 0.049)                # a third: the count started again at 0
+    assert workers.Sessions(lambda: "first", make, build_s=0.0355).worth_growing(2, 0.04)
+
+
+def test_the_default_plan_makes_a_second_session_only_when_it_pays(tiny_bundle, monkeypatch):
+    """With the call costs and the cores injected: a default Generator keeps one worker (and
+    one session) while the groups' savings forgone stay under the session's making time, takes
+    2 workers once they reach it, and then keeps them for small groups too; the pixels stay
+    the same."""
+    monkeypatch.setattr(workers, "cores", lambda: 2)
+    monkeypatch.setattr(workers, "idle_cores", lambda: 2)
+    with Generator.open(tiny_bundle, threads=1) as one, Generator.open(tiny_bundle) as default:
+        cost = workers.CallCost(0.14, 0.03)
+        default._cost = cost
+        blocks = default.spec.positions
+        assert workers.choose(blocks, blocks, cost.ms, None).workers == 2    # 2 workers would pay per call
+        steps = 4
+        saving = workers.denoise_s(blocks, blocks, cost.ms, steps) - workers.denoise_s(blocks, blocks, cost.ms, steps, 2)
+        default._denoisers.build_s = 2.5 * saving
+        expected = one.generate(1, seed=3, steps=steps, as_array=True)
+        for _ in range(2):
+            assert np.array_equal(default.generate(1, seed=3, steps=steps, as_array=True), expected)
+            assert default.last_workers == 1 and len(default._denoisers) == 1
+        assert np.array_equal(default.generate(1, seed=3, steps=steps, as_array=True), expected)
+        assert default.last_workers == 2 and len(default._denoisers) == 2
+        default._denoisers.build_s = 1e9                    # making another would never pay, but it exists
+        assert np.array_equal(default.generate(1, seed=3, steps=steps, as_array=True), expected)
+        assert default.last_workers == 2
