@@ -165,11 +165,11 @@ Read with the stage tables above (each row is measured in the same run).
   are 0.5% of it.
 - Generation adds the activations of the rows in flight (128 by default; onnxruntime holds
   about 30-45 KB per row), the decoder's (2 fashion images per call) and first-use costs. Two
-  worker threads (an idle machine's default plan for groups of 8 or more fashion images, or
-  `--threads 2`) add about 6-7 MB at -n 1000: the second worker's own denoiser session (about
-  6 MB: made when a group first takes 2 workers, with the library pages its build pages in
-  dropped before and after), two calls and two decoder calls at once, a second thread's heap.
-  A default `-n 4` (16 blocks) stays on one worker and never makes it.
+  worker threads (an idle machine's default plan once its groups' forgone savings have paid
+  for the second session: the first group of 64 images of a default -n 1000; or `--threads 2`) add
+  about 6-7 MB at -n 1000: the second worker's own denoiser session (about 6 MB, with the
+  library pages its build pages in dropped before and after), two calls and two decoder calls
+  at once, a second thread's heap. A default `-n 4` stays on one worker and never makes it.
 
 Removed in issue 16, item 3: typer 0.29's pydantic (typer < 0.29), OpenSSL (sha256 from
 CPython's own module; sha512 only for signed bundles; `secrets` no longer imported for temp
