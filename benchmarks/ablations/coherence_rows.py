@@ -1,7 +1,9 @@
 """Block coherence of several rows, with intervals (issue 17, item 2; export/coherence.py).
 
 One judge, trained on the twemoji training split through the autoencoder of --autoencoder
-(default the shipped teacher's, which decodes the seams ablation rows), measures each row:
+(default the shipped teacher's; the seams ablation rows and the table in quality.md were
+decoded and judged with the previous teacher's, `git show 4c93857:models/twemoji-teacher.rissole`,
+so pass that one to re-run them), measures each row:
 a bundle (N images generated exactly as `rissole-edge evaluate` makes them: DDIM, the
 bundle's default guidance and steps, seed 0) or a .npy of uint8 images (N, 64, 64, 3), such as
 the seams ablation's kept images. Rows of one kind (the .npy files of one ablation; bundles,

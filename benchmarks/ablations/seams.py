@@ -45,6 +45,13 @@ from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
 ROOT = Path(__file__).resolve().parents[2]
+# The teacher every row starts from, and the recipe it was trained with. The rows in
+# benchmarks/results/quality.md were made from the 1.33 M-parameter teacher shipped until the
+# border-conditioned one replaced it; to re-run them, pass that one:
+#   git show 4c93857:models/twemoji-teacher.rissole > v1.rissole
+#   git show 4c93857:models/twemoji-teacher.toml > v1.toml
+#   python benchmarks/ablations/seams.py --teacher v1.rissole --recipe v1.toml train ...
+# (main() sets both from the command line, before any row reads them.)
 BUNDLE = ROOT / "models" / "twemoji-teacher.rissole"
 RECIPE = ROOT / "models" / "twemoji-teacher.toml"
 CHUNK = 100               # images per sampling call: bounds memory
@@ -203,7 +210,10 @@ def runtime_row(bundle: Path, against: Path, n: int, seed: int, steps: int) -> d
 
 
 def main() -> None:
+    global BUNDLE, RECIPE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", type=Path, default=BUNDLE, help="the teacher bundle (default: the shipped twemoji-teacher)")
+    p.add_argument("--recipe", type=Path, default=RECIPE, help="its training config (default: models/twemoji-teacher.toml)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
     t.add_argument("--row", choices=("baseline", "border", "seamloss"), required=True)
@@ -227,6 +237,7 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=50)
     r.add_argument("--json", type=Path)
     args = p.parse_args()
+    BUNDLE, RECIPE = args.teacher, args.recipe
     torch.set_num_threads(1)
     if args.command == "start":
         save_start(args.out)
