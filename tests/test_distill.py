@@ -197,12 +197,18 @@ def test_each_student_step_lands_nearer_the_teachers_sub_steps_than_its_own_step
     assert sum(student_errors) < 0.8 * sum(teacher_errors), (student_errors, teacher_errors)
 
 
-@pytest.mark.parametrize("student,teacher,label", [("fashion-mnist-4step", "fashion-mnist", "sneaker"),
-                                                   ("twemoji", "twemoji-teacher", "food-drink")])
-def test_the_shipped_4_step_bundles_verify_generate_and_refuse_other_steps(tmp_path, student, teacher, label):
+@pytest.mark.parametrize("student,teacher,label,same_teacher", [
+    ("fashion-mnist-4step", "fashion-mnist", "sneaker", False),     # a student of e00c704's teacher
+    ("twemoji", "twemoji-teacher", "food-drink", True)])
+def test_the_shipped_4_step_bundles_verify_generate_and_refuse_other_steps(tmp_path, student, teacher, label,
+                                                                          same_teacher):
     """CI never distils the shipped students; it checks that each verifies, generates at its 4
     steps by default, refuses others, and names its shipped teacher (`twemoji` is the default
-    name's student: its teacher ships as `twemoji-teacher`)."""
+    name's student: its teacher ships as `twemoji-teacher`). Where the card says the student
+    was distilled from the very teacher file shipped beside it, the recorded hash must say so
+    too: re-shipping one without the other would break the card's claim."""
+    import hashlib
+
     from PIL import Image
 
     from rissole_edge.shipped import shipped_bundle
@@ -216,6 +222,8 @@ def test_the_shipped_4_step_bundles_verify_generate_and_refuse_other_steps(tmp_p
     manifest = Bundle.open(shipped_bundle(student)).manifest
     assert Spec.from_manifest(manifest).steps == 4 and manifest["distilled"]["teacher"] == teacher
     assert Spec.from_manifest(Bundle.open(shipped_bundle(teacher)).manifest).distilled_steps == 0
+    teacher_hash = hashlib.sha256(shipped_bundle(teacher).read_bytes()).hexdigest()
+    assert (manifest["distilled"]["teacher_sha256"] == teacher_hash) is same_teacher
 
 
 def test_evaluate_samples_a_distilled_bundle_at_its_own_steps():
