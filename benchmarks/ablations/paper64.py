@@ -21,6 +21,10 @@ one training step at the recipe's batch size (one torch thread, rows interleaved
 machine slows them alike). At the same batch a whole-latent step denoises four blocks' worth
 of latent per sample, so it costs about 4x a block step: quality at equal steps and at equal
 training cost are different comparisons, and the JSON gives what converts one to the other.
+For generation it counts, from each row's fp32 ONNX graph, the multiply-accumulates and the
+activation bytes one image costs per denoiser call (a block row: all its blocks; counted from
+shapes, so a busy machine cannot move them): what the block design saves, or does not, at
+generation time and in the memory a call in flight holds.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rissole_export import config, estimate, train
+from rissole_export import config, denoiser, estimate, graph, onnx_export, train
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "models" / "twemoji-teacher.toml"
@@ -84,8 +88,19 @@ def step_costs(timed_steps: int) -> dict:
     return {"clock": "thread CPU time, 1 torch thread", "timed_steps": timed_steps,
             "rows": {row: {"parameters": run["parameters"],
                            "seconds_per_step": round(statistics.median(run["times"]), 3),
-                           "ratio_to_block": round(statistics.median(run["times"]) / block, 2)}
+                           "ratio_to_block": round(statistics.median(run["times"]) / block, 2),
+                           **generation_cost(row)}
                      for row, run in runs.items()}}
+
+
+def generation_cost(row: str) -> dict[str, int]:
+    """MACs and activation bytes per image per denoiser call, from the row's fp32 ONNX graph."""
+    cfg = config.resolve("small", row_overrides(row, 0, 1))
+    net = denoiser.build(cfg.denoiser, LATENT_CHANNELS, LATENT_SIDE).eval()
+    model = onnx_export.denoiser(net)
+    calls = 1 if cfg.denoiser.kind == "whole" else cfg.denoiser.blocks_per_side ** 2
+    return {"macs_per_image_call": calls * sum(graph.node_macs(model).values()),
+            "activation_bytes_per_image_call": calls * graph.activation_bytes(model)}
 
 
 def main() -> None:
