@@ -163,6 +163,12 @@ def mb(n: int) -> str:
     return f"{-(-n // MiB)}MB"
 
 
+def budget_text(n: int) -> str:
+    """A budget as given, not rounded up (`mb` would print a 60-byte budget as 1MB); under 1 MB
+    it names the likely slip: a number without a unit is bytes."""
+    return f"{n / MiB:g}MB" if n >= MiB else f"{n} bytes (a number without a unit is bytes: did you mean {n}MB?)"
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a Generator works within its budget."""
@@ -241,7 +247,7 @@ def make_plan(budget: int | None, spec: Spec, fixed_bytes: int, passes: int = 1,
     else:
         least = minimum(spec, fixed_bytes, passes)
         if budget < least:
-            raise UsageError(f"memory budget {mb(budget)} is below what this bundle needs: at least {mb(least)}")
+            raise UsageError(f"memory budget {budget_text(budget)} is below what this bundle needs: at least {mb(least)}")
         free = budget - fixed_bytes
         least_rows = passes * spec.blocks_together * spec.row_bytes
         while decode > 1 and (decode_bytes(spec, decode) > free // 2 or free - decode_bytes(spec, decode) < least_rows):

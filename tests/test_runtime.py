@@ -115,6 +115,14 @@ def _generate_under_budget(bundle, budget, out):
     return report, np.stack([np.asarray(Image.open(p), dtype=int) for p in report["images"]])
 
 
+def test_a_budget_without_a_unit_is_refused_as_bytes_not_rounded_up(tiny_bundle, tmp_path):
+    """`--memory-budget 60` is 60 bytes; the refusal must say so, not print it as "1MB"."""
+    refusal = _error(cli("generate", "-m", str(tiny_bundle), "--memory-budget", "60", "-o", str(tmp_path / "x")))
+    assert "memory budget 60 bytes" in refusal and "did you mean 60MB?" in refusal
+    refusal = _error(cli("generate", "-m", str(tiny_bundle), "--memory-budget", "20.5MB", "-o", str(tmp_path / "x")))
+    assert "memory budget 20.5MB is below" in refusal
+
+
 def test_budgets_are_honoured_and_refused_below_the_minimum(tiny_bundle, tmp_path):
     """Each run is its own process: the budget is about the whole process's peak RSS."""
     refusal = _error(cli("generate", "-m", str(tiny_bundle), "--memory-budget", "20MB", "-o", str(tmp_path / "x")))
