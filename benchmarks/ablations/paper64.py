@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,13 +61,39 @@ def row_overrides(row: str, seed: int, steps: int) -> dict[str, Any]:
 
 
 def train_row(row: str, seed: int, steps: int, out: Path, base: Path, max_minutes: float | None) -> dict:
+    """Train the row into `out`, or continue it there. A run continued with more --steps is
+    extended (the recipe's steps only bound the loop: the learning rate is constant), so
+    the same row can be read at 2,000 steps and then at 8,000 without starting again."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.json"
         path.write_text(json.dumps(row_overrides(row, seed, steps)))
         resume = (out / "denoiser.safetensors").exists()
+        if resume:
+            extend_run(out, config.resolve("small", row_overrides(row, seed, steps)))
         return train.train("twemoji", out, None if resume else "small", None if resume else path, "denoiser", max_minutes,
                            resume=resume, progress=True, reuse=None if resume else base,
                            log=lambda msg: print(msg, flush=True))
+
+
+def refuse(message: str) -> None:
+    """A usage error: one line, exit 2."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
+def extend_run(out: Path, wanted: config.RunConfig) -> None:
+    """Refuse a run of another row or seed; raise a finished run's step bound to `wanted`'s."""
+    stored = config.load(out / "config.json")
+    wanted.data.source = stored.data.source
+    wanted_steps, wanted.denoiser.steps = wanted.denoiser.steps, stored.denoiser.steps
+    diff = config.first_difference(stored, wanted, ("denoiser",)) or (
+        None if stored.seed == wanted.seed else f"seed ({stored.seed} vs {wanted.seed})")
+    if diff:
+        refuse(f"{out} holds another row or seed: {diff}")
+    if wanted_steps < stored.denoiser.steps:
+        refuse(f"{out} is a {stored.denoiser.steps}-step run: --steps {wanted_steps} cannot shorten it")
+    stored.denoiser.steps = wanted_steps
+    config.save(stored, out / "config.json")
 
 
 def step_costs(timed_steps: int) -> dict:
