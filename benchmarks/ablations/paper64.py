@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from rissole_edge.errors import RissoleError
 from rissole_export import config, denoiser, estimate, graph, onnx_export, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +146,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "train":
         torch.set_num_threads(1)
-        print(json.dumps(train_row(args.row, args.seed, args.steps, args.out, args.base, args.max_minutes)))
+        try:
+            print(json.dumps(train_row(args.row, args.seed, args.steps, args.out, args.base, args.max_minutes)))
+        except RissoleError as e:            # a missing --base, a run of other data: one line
+            refuse(f"error: {e}")
     else:
         print(json.dumps(step_costs(args.steps), indent=2))
 
