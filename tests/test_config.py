@@ -59,6 +59,30 @@ def test_ablation_configs_reuse_the_shipped_base(path):
     assert variant != shipped
 
 
+def test_the_64x64_claim_rows_differ_from_the_teacher_recipe_only_in_their_denoiser():
+    """benchmarks/ablations/paper64.py: every row reuses the twemoji-v2 run's autoencoder and
+    database (so data, autoencoder and database must be the recipe's), the same-parameter
+    whole-latent row must have the block model's parameters within 1%, and the 4x row 4x."""
+    import importlib.util
+
+    from rissole_export import denoiser
+    from rissole_export.layers import count_parameters
+    spec = importlib.util.spec_from_file_location("paper64", ROOT / "benchmarks" / "ablations" / "paper64.py")
+    paper64 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper64)
+    recipe = config.resolve("small", config.read_config_file(ROOT / "models" / "twemoji-teacher.toml"))
+    params = {}
+    for row in paper64.ROWS:
+        cfg = config.resolve("small", paper64.row_overrides(row, 1, 2000))
+        assert config.first_difference(recipe, cfg, REUSED_SECTIONS) is None
+        assert cfg.seed == 1 and cfg.denoiser.steps == 2000
+        net = denoiser.build(cfg.denoiser, paper64.LATENT_CHANNELS, paper64.LATENT_SIDE)
+        params[row] = count_parameters(net)
+    assert abs(params["whole"] / params["block"] - 1) < 0.01
+    assert abs(params["noretrieval"] / params["block"] - 1) < 0.01
+    assert 3.8 < params["whole-4x"] / params["block"] < 4.2
+
+
 def test_image_sizes_the_models_cannot_divide_are_refused_with_the_nearest_that_work():
     cfg = config.resolve("small", {"data": {"size": 32}})
     config.check_size(cfg)                                   # 32 -> 8x8 latent -> 2x2 blocks of 4 -> 2
