@@ -106,7 +106,7 @@ def step_costs(timed_steps: int) -> dict:
         cfg = config.resolve("small", row_overrides(row, 0, 1))
         params, step = estimate.denoiser_step(cfg.denoiser, LATENT_CHANNELS, LATENT_SIDE)
         step()                                                  # warm-up
-        runs[row] = {"parameters": params, "step": step, "times": []}
+        runs[row] = {"parameters": params, "step": step, "times": [], "cfg": cfg.denoiser}
     for _ in range(timed_steps):
         for run in runs.values():
             started = time.thread_time()
@@ -117,16 +117,15 @@ def step_costs(timed_steps: int) -> dict:
             "rows": {row: {"parameters": run["parameters"],
                            "seconds_per_step": round(statistics.median(run["times"]), 3),
                            "ratio_to_block": round(statistics.median(run["times"]) / block, 2),
-                           **generation_cost(row)}
+                           **generation_cost(run["cfg"])}
                      for row, run in runs.items()}}
 
 
-def generation_cost(row: str) -> dict[str, int]:
+def generation_cost(cfg: config.DenoiserConfig) -> dict[str, int]:
     """MACs and activation bytes per image per denoiser call, from the row's fp32 ONNX graph."""
-    cfg = config.resolve("small", row_overrides(row, 0, 1))
-    net = denoiser.build(cfg.denoiser, LATENT_CHANNELS, LATENT_SIDE).eval()
+    net = denoiser.build(cfg, LATENT_CHANNELS, LATENT_SIDE).eval()
     model = onnx_export.denoiser(net)
-    calls = 1 if cfg.denoiser.kind == "whole" else cfg.denoiser.blocks_per_side ** 2
+    calls = 1 if cfg.kind == "whole" else cfg.blocks_per_side ** 2
     return {"macs_per_image_call": calls * sum(graph.node_macs(model).values()),
             "activation_bytes_per_image_call": calls * graph.activation_bytes(model)}
 
