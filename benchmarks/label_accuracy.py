@@ -27,12 +27,14 @@ def main() -> None:
     parser.add_argument("bundles", nargs="+", type=Path)
     parser.add_argument("--per-label", type=int, default=evaluate.LABEL_IMAGES, help="images generated per label (at most 100)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: each bundle's recommended scale)")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)       # noqa: E731
     rows, net = [], None
     for bundle in args.bundles:
-        row, net = evaluate.label_accuracy(bundle, per_label=args.per_label, seed=args.seed, net=net, log=log)
+        row, net = evaluate.label_accuracy(bundle, per_label=args.per_label, seed=args.seed, net=net,
+                                            guidance=args.guidance, log=log)
         rows.append(row)
         log(f"{bundle}: label accuracy {row['label_accuracy']}, classifier balanced on unseen test "
             f"{row['classifier_unseen_test_balanced_accuracy']}")

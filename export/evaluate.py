@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rissole_edge.bundle import MAX_GUIDANCE
 from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
 
 from . import coherence
@@ -353,15 +354,21 @@ class _Source:
     generate_label: Callable[[str, int, int, int], np.ndarray] | None  # (label, n, seed, steps)
     reconstruct: Callable[[np.ndarray], np.ndarray] | None   # uint8 images through the autoencoder
     close: Callable[[], None]
+    guidance: float                    # the guidance scale every image is generated at
     default_steps: int = 50            # DDIM steps when none are asked for (a distilled student: its own)
 
 
-def _open_bundle(path: Path, log: Log) -> _Source:
-    """Generation through the runtime: exactly the images users of the bundle get."""
+def _open_bundle(path: Path, log: Log, guidance: float | None) -> _Source:
+    """Generation through the runtime: exactly the images users of the bundle get, at the
+    bundle's recommended guidance unless `guidance` says otherwise."""
     from rissole_edge.generator import Generator, Query
 
     # One thread count for the runtime's workers and torch (OMP_NUM_THREADS / torch's default).
     gen = Generator.open(path, threads=torch.get_num_threads())
+    if gen.spec.distilled_steps and guidance not in (None, 1.0):
+        gen.close()
+        raise UsageError(f"{path} is distilled: its teacher's guidance is folded in, evaluate it without --guidance")
+    guidance = gen.spec.guidance if guidance is None else guidance
     manifest = gen.bundle.manifest
     image = manifest["image"]
     name = manifest.get("dataset", {}).get("name")
@@ -372,7 +379,7 @@ def _open_bundle(path: Path, log: Log) -> _Source:
             # DDIM whatever the bundle recommends: `steps` means DDIM steps for a run (torch) and a
             # bundle alike, so that the two stay comparable (benchmarks/steps.py compares samplers).
             parts.append(gen.generate(part.stop - part.start, seed=seed, steps=steps, sampler_name="ddim",
-                                      query=query, as_array=True, first_index=part.start))
+                                      guidance=guidance, query=query, as_array=True, first_index=part.start))
             log(f"generated {part.stop}/{n} images")
         return np.concatenate(parts)
 
@@ -389,6 +396,7 @@ def _open_bundle(path: Path, log: Log) -> _Source:
         if has_labels else None,
         reconstruct=_onnx_round_trip(gen) if "encoder.onnx" in gen.bundle.members else None,
         close=gen.close,
+        guidance=guidance,
         default_steps=gen.spec.distilled_steps or 50,
     )
 
@@ -419,12 +427,16 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return int(state[0]) << 30 | int(state[1]) >> 2
 
 
-def _open_run(run: Path, log: Log) -> _Source:
-    """Generation with the run's torch models (EMA weights): the model before export."""
+def _open_run(run: Path, log: Log, guidance: float | None) -> _Source:
+    """Generation with the run's torch models (EMA weights): the model before export. A run
+    records no recommended guidance (its export does), so `guidance` None means 1."""
     from .sampling import RunModels, generate as torch_generate
 
     m = RunModels.load(run)
     cfg = m.cfg
+    guidance = 1.0 if guidance is None else guidance
+    if guidance != 1.0 and not m.net.k:
+        raise UsageError(f"run {run} has no neighbours to guide by: evaluate it without --guidance")
 
     def generate(n: int, seed: int, steps: int) -> np.ndarray:
         if not 1 <= steps <= cfg.denoiser.timesteps:
@@ -432,7 +444,7 @@ def _open_run(run: Path, log: Log) -> _Source:
         ids = np.random.default_rng(seed).integers(0, len(m.db.codes), n).tolist()
         parts = []
         for chunk, part in enumerate(_batches(n, GENERATE_CHUNK)):
-            parts.append(torch_generate(m, ids[part], _chunk_seed(seed, chunk), steps))
+            parts.append(torch_generate(m, ids[part], _chunk_seed(seed, chunk), steps, guidance=guidance))
             log(f"generated {part.stop}/{n} images")
         return np.concatenate(parts)
 
@@ -447,10 +459,11 @@ def _open_run(run: Path, log: Log) -> _Source:
         # it has no borders there, so its ratio is the control a block model is compared with.
         blocks_per_side=cfg.denoiser.blocks_per_side,
         labels=(), generate=generate, generate_label=None, reconstruct=reconstruct, close=lambda: None,
+        guidance=guidance,
     )
 
 
-def _open_target(target: Path, log: Log) -> _Source:
+def _open_target(target: Path, log: Log, guidance: float | None = None) -> _Source:
     if target.is_dir():
         if not (target / "config.json").exists():
             raise UsageError(f"{target} is a folder without config.json: give a run directory or a .rissole bundle")
@@ -459,8 +472,8 @@ def _open_target(target: Path, log: Log) -> _Source:
         if missing:
             raise UsageError(f"run {target} is not trained to the end (no {', '.join(missing)}): "
                              "finish it with 'rissole-edge train ... --resume'")
-        return _open_run(target, log)
-    return _open_bundle(target, log)
+        return _open_run(target, log, guidance)
+    return _open_bundle(target, log, guidance)
 
 
 def _load_data(source: _Source, target: Path, data: str | None) -> datasets.ImageSet:
@@ -606,15 +619,15 @@ def _label_accuracy(source: _Source, data: datasets.ImageSet, unseen_ids: np.nda
 
 
 def label_accuracy(target: Path, per_label: int = LABEL_IMAGES, seed: int = 0, steps: int | None = None,
-                   data: str | None = None, net: nn.Module | None = None,
+                   data: str | None = None, net: nn.Module | None = None, guidance: float | None = None,
                    log: Log = print) -> tuple[dict[str, Any], nn.Module]:
     """`evaluate`'s label figures alone for `target` (no FD, copying or seams): a cheap
     re-measure. Returns them with the classifier, so that other targets of the same data can be
     judged by it (`net`) without training it again; `evaluate(target, n=per_label)` with the
     same seed gives the same figures."""
     target = Path(target)
-    _check_arguments(target, 2, "test")
-    source = _open_target(target, log)
+    _check_arguments(target, 2, "test", guidance)
+    source = _open_target(target, log, guidance)
     steps = source.default_steps if steps is None else steps
     try:
         images = _load_data(source, target, data)
@@ -626,7 +639,7 @@ def label_accuracy(target: Path, per_label: int = LABEL_IMAGES, seed: int = 0, s
     finally:
         source.close()
     return {"target": str(target), "per_label": min(per_label, LABEL_IMAGES), "steps": steps, "seed": seed,
-            **result}, net
+            "guidance": source.guidance, **result}, net
 
 
 # ----------------------------------------------------------------------------- copying, agreement
@@ -712,24 +725,28 @@ def _number(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _check_arguments(target: Path, n: int, reference: str) -> None:
+def _check_arguments(target: Path, n: int, reference: str, guidance: float | None = None) -> None:
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise UsageError(f"the number of images must be at least 2 (FD and KID need 2), got {n}")
     if reference not in ("test", "train"):
         raise UsageError(f"reference must be 'test' or 'train', got {reference!r}")
+    if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
     if not target.exists():
         raise UsageError(f"{target} not found: give a .rissole bundle or a run directory")
 
 
 def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | None = None,
-             steps: int | None = None, seed: int = 0, log=print) -> dict:
+             steps: int | None = None, seed: int = 0, guidance: float | None = None, log=print) -> dict:
     """Generate `n` images from `target` (a bundle or a run directory) and measure them against
     the `reference` split of the data it was trained on; returns every metric in one dict.
-    `steps` None: 50 DDIM steps, or a distilled bundle's own step count (it refuses others)."""
+    `steps` None: 50 DDIM steps, or a distilled bundle's own step count (it refuses others).
+    `guidance` None: a bundle's recommended scale, 1 for a run (which records none); give the
+    bundle's scale to compare a run with its export, or several to choose the scale to ship."""
     started = time.perf_counter()
     target = Path(target)
-    _check_arguments(target, n, reference)
-    source = _open_target(target, log)
+    _check_arguments(target, n, reference, guidance)
+    source = _open_target(target, log, guidance)
     steps = source.default_steps if steps is None else steps
     try:
         images = _load_data(source, target, data)
@@ -760,7 +777,7 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
 
     return {
         "target": str(target), "kind": source.kind, "n": n, "reference": reference,
-        "reference_images": len(refs), "steps": steps, "seed": seed,
+        "reference_images": len(refs), "steps": steps, "seed": seed, "guidance": source.guidance,
         "fd_effnetlite0": _number(frechet_distance(f_gen, f_ref)),
         "kid_effnetlite0": _number(kid(f_gen, f_ref, seed=seed)),
         "blocks_per_side": source.blocks_per_side,

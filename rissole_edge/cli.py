@@ -302,13 +302,14 @@ def evaluate(
     data: Optional[str] = typer.Option(None, "--data", help="The data a bundle was made from, if not fashion-mnist/twemoji."),
     steps: Optional[int] = typer.Option(None, "--steps", help="DDIM sampling steps (not the bundle's recommended sampler, so that runs and bundles compare; default 50, or a distilled bundle's own count)."),
     seed: int = typer.Option(0, "--seed"),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help="Neighbour guidance scale (default: a bundle's recommended scale; 1 for a run, which records none)."),
     json_out: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Measure quality: FD/KID on EfficientNet-Lite0 features, seam ratio, copying, block agreement, block coherence, label accuracy."""
     _toolchain()
     from rissole_export.evaluate import evaluate as run_evaluation
 
-    metrics = run_evaluation(target, n, reference, data, steps, seed,
+    metrics = run_evaluation(target, n, reference, data, steps, seed, guidance,
                              log=(lambda msg: None) if json_out else (lambda msg: typer.echo(msg, err=True)))
     typer.echo(json.dumps(metrics, indent=2) if json_out else "\n".join(_flat_lines(metrics)))
 

@@ -8,11 +8,14 @@ import pytest
 import torch
 
 import rissole_export.evaluate as evaluation
+from rissole_edge.bundle import Bundle
 from rissole_edge.errors import UsageError
 from rissole_export import config
 from rissole_export import data as datasets
 from rissole_export.evaluate import (block_agreement, cached_features, copy_margins, evaluate,
                                      frechet_distance, kid, nearest_distances, seam_ratio)
+from rissole_export.sampling import RunModels
+from rissole_export.sampling import generate as torch_generate
 
 from conftest import SAMPLE, train_variant
 
@@ -203,6 +206,28 @@ def test_evaluate_a_run_directory(tiny_run):
     assert math.isfinite(result["fd_effnetlite0"]) and math.isfinite(result["kid_effnetlite0"])
     assert result["label_accuracy"] is None and result["seam_ratio_generated"] is not None
     assert math.isfinite(result["seam_ratio_reconstructed"])
+
+
+def test_guidance_reaches_the_images_of_a_run_and_of_a_bundle(tiny_run, tiny_bundle):
+    """A run records no guidance (1 unless asked); a bundle its recommended scale: evaluate
+    says which one it measured, and another scale gives other images."""
+    plain = evaluate(tiny_run, n=8, steps=5, seed=1, log=lambda _: None)
+    guided = evaluate(tiny_run, n=8, steps=5, seed=1, guidance=3.0, log=lambda _: None)
+    assert plain["guidance"] == 1.0 and guided["guidance"] == 3.0
+    assert guided["fd_effnetlite0"] != plain["fd_effnetlite0"]
+    run = evaluation._open_target(tiny_run, lambda _: None, 3.0)
+    bundle = evaluation._open_target(tiny_bundle, lambda _: None)
+    try:
+        assert bundle.guidance == Bundle.open(tiny_bundle).manifest.get("sampling", {}).get("guidance", 1.0)
+        m = RunModels.load(tiny_run)
+        ids = np.random.default_rng(1).integers(0, len(m.db.codes), 4).tolist()
+        assert np.array_equal(run.generate(4, 1, 5), torch_generate(m, ids, 1, 5, guidance=3.0))
+    finally:
+        bundle.close()
+    with pytest.raises(UsageError, match="guidance"):
+        evaluate(tiny_run, n=8, steps=5, guidance=-1.0)
+    with pytest.raises(UsageError, match="guidance"):
+        evaluate(tiny_bundle, n=8, steps=5, data=str(SAMPLE), guidance=21.0)
 
 
 def test_a_whole_latent_run_is_measured_at_its_block_counterparts_grid(tiny_run, tiny_config, tmp_path):
