@@ -358,7 +358,7 @@ class _Source:
     default_steps: int = 50            # DDIM steps when none are asked for (a distilled student: its own)
 
 
-def _open_bundle(path: Path, log: Log, guidance: float | None) -> _Source:
+def _open_bundle(path: Path, log: Log, guidance: float | None = None) -> _Source:
     """Generation through the runtime: exactly the images users of the bundle get, at the
     bundle's recommended guidance unless `guidance` says otherwise."""
     from rissole_edge.generator import Generator, Query
@@ -427,7 +427,7 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return int(state[0]) << 30 | int(state[1]) >> 2
 
 
-def _open_run(run: Path, log: Log, guidance: float | None) -> _Source:
+def _open_run(run: Path, log: Log, guidance: float | None = None) -> _Source:
     """Generation with the run's torch models (EMA weights): the model before export. A run
     records no recommended guidance (its export does), so `guidance` None means 1."""
     from .sampling import RunModels, generate as torch_generate

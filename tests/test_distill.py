@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import SAMPLE, cli
 from rissole_edge.bundle import Bundle, BundleError, Spec
+from rissole_edge.errors import UsageError
 from rissole_edge.schedule import alphas_cumprod
 from rissole_export import config, distill, teacher, train
 from rissole_export.sampling import RunModels
@@ -240,3 +241,5 @@ def test_evaluate_samples_a_distilled_bundle_at_its_own_steps():
                 assert source.generate(1, 0, source.default_steps).shape == (1, 32, 32, 1)
         finally:
             source.close()
+    with pytest.raises(UsageError, match="distilled"):         # its teacher's guidance is folded in
+        _open_bundle(shipped_bundle("fashion-mnist-4step"), log=lambda msg: None, guidance=2.0)
