@@ -742,7 +742,7 @@ def evaluate(target: Path, n: int = 5000, reference: str = "test", data: str | N
     the `reference` split of the data it was trained on; returns every metric in one dict.
     `steps` None: 50 DDIM steps, or a distilled bundle's own step count (it refuses others).
     `guidance` None: a bundle's recommended scale, 1 for a run (which records none); give the
-    bundle's scale to compare a run with its export, or several to choose the scale to ship."""
+    bundle's scale to compare a run with its export, or evaluate at several to choose one to ship."""
     started = time.perf_counter()
     target = Path(target)
     _check_arguments(target, n, reference, guidance)
