@@ -35,7 +35,7 @@ import torch
 
 import rissole_edge
 from rissole_edge import blocks
-from rissole_edge.bundle import MAX_GUIDANCE, Bundle, Spec
+from rissole_edge.bundle import Bundle, Spec, check_guidance
 from rissole_edge.errors import UsageError
 from rissole_edge.schedule import alphas_cumprod, sampling_timesteps
 
@@ -188,8 +188,7 @@ def _check(source: Path, steps: int, out: Path, settings_in: dict) -> None:
     for key in ("teacher_steps", "train_steps", "batch_size"):
         if key in settings_in and settings_in[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be positive")
-    if not 0 <= settings_in.get("guidance", 1.0) <= MAX_GUIDANCE:
-        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}")
+    check_guidance(settings_in.get("guidance", 1.0), "--guidance")
 
 
 def _settings(source: Path, steps: int, out: Path, resume: bool, given: dict) -> Settings:
@@ -393,8 +392,7 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
         raise UsageError(f"{run}: the distillation is not finished: continue it with 'rissole-edge distill ... --resume'")
     if mode not in ("int8", "fp32") or target not in quantize.TARGETS:
         raise UsageError(f"--quantize must be int8 or fp32 and --target one of {', '.join(quantize.TARGETS)}")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    check_guidance(guidance, "--guidance")
     if not out.parent.is_dir() or out.is_dir():
         raise UsageError(f"cannot write {out}: not a file in an existing folder")
     fields = distilled_fields(run, guidance)         # None: a fine-tune, not a student

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rissole_edge.bundle import MAX_GUIDANCE
+from rissole_edge.bundle import check_guidance
 from rissole_edge.errors import RissoleError, ToolchainMissing, UsageError
 
 from . import coherence
@@ -730,8 +730,8 @@ def _check_arguments(target: Path, n: int, reference: str, guidance: float | Non
         raise UsageError(f"the number of images must be at least 2 (FD and KID need 2), got {n}")
     if reference not in ("test", "train"):
         raise UsageError(f"reference must be 'test' or 'train', got {reference!r}")
-    if guidance is not None and not 0 <= guidance <= MAX_GUIDANCE:
-        raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    if guidance is not None:
+        check_guidance(guidance)
     if not target.exists():
         raise UsageError(f"{target} not found: give a .rissole bundle or a run directory")
 

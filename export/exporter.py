@@ -19,7 +19,7 @@ import torch
 
 import rissole_edge
 from rissole_edge import blocks
-from rissole_edge.bundle import DEFAULT_SAMPLER, DEFAULT_STEPS, MAX_GUIDANCE, Bundle
+from rissole_edge.bundle import DEFAULT_SAMPLER, DEFAULT_STEPS, Bundle, check_guidance
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
 from rissole_edge.retrieval import keys_of
@@ -50,8 +50,7 @@ def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int
         raise UsageError(f"--target must be one of {', '.join(quantize.TARGETS)}, got {target!r}")
     if not 1 <= calibration <= 10000:
         raise UsageError("--calibration-samples must be between 1 and 10000")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UsageError(f"--guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    check_guidance(guidance, "--guidance")
     if not out.parent.is_dir():
         raise UsageError(f"cannot write {out}: folder {out.parent} does not exist")
     if out.is_dir():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rissole_edge import sampler
-from rissole_edge.bundle import MAX_GUIDANCE, Bundle, Spec
+from rissole_edge.bundle import Bundle, Spec, check_guidance
 from rissole_edge.errors import UsageError
 
 from . import pack
@@ -23,8 +23,7 @@ def sampling_fields(name: str, steps: int, guidance: float, timesteps: int) -> d
         raise UsageError(f"unknown sampler {name!r}; choose {sampler.names()}")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps:
         raise UsageError(f"steps must be between 1 and {timesteps}, got {steps}")
-    if not 0 <= guidance <= MAX_GUIDANCE:
-        raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+    check_guidance(guidance)
     return {"sampler": name, "steps": int(steps), "guidance": float(guidance)}
 
 

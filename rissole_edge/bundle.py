@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import ed25519, sampler
-from .errors import RissoleError
+from .errors import RissoleError, UsageError
 from .schedule import SCHEDULES
 
 try:    # CPython's own SHA-256: hashlib would load OpenSSL's libcrypto, 3.6 MB of RSS in every process
@@ -211,6 +211,15 @@ def _optional(manifest: dict, path: str, kind: type, default: Any, low: float | 
 
 
 MAX_GUIDANCE = 20.0
+
+
+def check_guidance(guidance: float, name: str = "guidance") -> None:
+    """Refuse a guidance scale outside [0, MAX_GUIDANCE] (NaN too) in one line: every command
+    that takes one (generate, evaluate, export, distill, set-sampling) says the same thing.
+    `name`: how the message calls it (the option, where the user typed one)."""
+    if not 0 <= guidance <= MAX_GUIDANCE:
+        raise UsageError(f"{name} must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+
 DEFAULT_SAMPLER = "ddim"      # what bundles that recommend no sampler or step count get
 DEFAULT_STEPS = 50
 

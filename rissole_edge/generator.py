@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from . import blocks, budget, rng, sampler, shipped, workers
 from .preview import Preview, PreviewFn, default_every
-from .bundle import MAX_GUIDANCE, Bundle, BundleError, Spec
+from .bundle import Bundle, BundleError, Spec, check_guidance
 from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
 from .retrieval import Database
@@ -220,8 +220,7 @@ class Generator:
             raise UsageError(f"steps must be between 1 and {self.spec.timesteps}, got {steps}")
         if sampler_name not in sampler.SAMPLERS:
             raise UsageError(f"unknown sampler {sampler_name!r}; choose {sampler.names()}")
-        if not 0 <= guidance <= MAX_GUIDANCE:
-            raise UsageError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
+        check_guidance(guidance)
         if not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
             raise UsageError(f"seed must be a non-negative integer, got {seed}")
 
