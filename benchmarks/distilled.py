@@ -28,14 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rissole_edge.bench import run_child
+from compare_speed import TIMED_IMAGES, ms_per_image
 from rissole_edge.bundle import Bundle
 from rissole_edge.generator import Generator
 from rissole_export import data, evaluate
 from rissole_export.config import DataConfig
 
 DISTANCE_IMAGES = 256
-TIMED_IMAGES = 8           # images per timed batch
 HIGH_FREQUENCY = 0.25      # cycles per pixel: the outer band of the spectrum (Nyquist is 0.5)
 
 
@@ -53,12 +52,6 @@ def high_frequency_energy(images: np.ndarray) -> float:
 def _generate(bundle: Path, n: int, steps: int) -> np.ndarray:
     with Generator.open(bundle, threads=2) as gen:
         return gen.generate(n, seed=0, steps=steps, sampler_name="ddim", as_array=True, force_steps=True)
-
-
-def _ms_per_image(bundle: Path, steps: int) -> float:
-    """Batches of TIMED_IMAGES on 2 threads in a fresh process (bench's child), DDIM."""
-    cfg = {"bundle": str(bundle), "threads": 2, "steps": steps, "sampler": "ddim", "images": TIMED_IMAGES}
-    return 1e3 / run_child(cfg)["batched_images_per_s"]
 
 
 def main() -> None:
@@ -121,7 +114,7 @@ def _measure_time(rounds: int, rows: dict[str, tuple[Path, int]], result: dict) 
     load = [os.getloadavg()[0]]
     for _ in range(rounds):
         for row in times:
-            times[row].append(_ms_per_image(*rows[row]))
+            times[row].append(ms_per_image(*rows[row]))
     load.append(os.getloadavg()[0])
     for row, values in times.items():
         result["rows"][row]["ms_per_image"] = statistics.median(values)
