@@ -7,6 +7,7 @@ so a resumed or re-exported run always sees exactly the settings it was trained 
 from __future__ import annotations
 
 import dataclasses
+import copy
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,8 @@ class DenoiserConfig:
     steps: int = 20000
     batch_size: int = 256
     lr: float = 2e-4
+    lr_schedule: str = "constant"    # "constant", or "cosine": down to 0 over the last `lr_decay_steps`
+    lr_decay_steps: int = 0          # for "cosine": decay over the last this many steps (0: all of them)
     ema_decay: float = 0.999
 
 
@@ -154,6 +157,8 @@ def _validate(cfg: RunConfig) -> None:
         (len(ae.channel_mult) >= 1, "autoencoder.channel_mult needs at least one level"),
         (2 <= ae.codebook_size <= 65536, "autoencoder.codebook_size must be in [2, 65536]"),
         (ae.lr_schedule in ("constant", "cosine"), "autoencoder.lr_schedule must be 'constant' or 'cosine'"),
+        (dn.lr_schedule in ("constant", "cosine"), "denoiser.lr_schedule must be 'constant' or 'cosine'"),
+        (0 <= dn.lr_decay_steps <= dn.steps, "denoiser.lr_decay_steps must be in [0, denoiser.steps]"),
         (db.key == "latent" or (db.key.startswith("block:") and db.key[6:].isdigit()),
          "database.key must be 'latent' or 'block:N'"),
         (0 < db.target_recall <= 1, "database.target_recall must be in (0, 1]"),
@@ -219,6 +224,13 @@ def resolve(preset: str, overrides: dict[str, Any] | None = None) -> RunConfig:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = RunConfig()
     _merge(cfg, PRESETS[preset], "")
+    return override(cfg, overrides)
+
+
+def override(cfg: RunConfig, overrides: dict[str, Any] | None) -> RunConfig:
+    """A copy of `cfg` with the user's overrides applied and checked (a resumed run's own config
+    with a --config file on top)."""
+    cfg = copy.deepcopy(cfg)
     _merge(cfg, overrides or {}, "")
     _validate(cfg)
     return cfg

@@ -168,13 +168,19 @@ def evaluate_autoencoder(ae: VQAutoencoder, pixels: np.ndarray) -> dict[str, flo
             "codebook_usage": len(used) / ae.cfg.codebook_size}
 
 
-def autoencoder_lr(cfg: config.AutoencoderConfig, step: int) -> float:
-    """The autoencoder's learning rate at `step`: constant, or a cosine from `lr` to 0 over
-    `steps` (a function of the step alone, so a resumed run takes the same steps). Decaying it
-    lets the last steps settle into a minimum that a constant rate keeps jumping around."""
+def learning_rate(cfg: config.AutoencoderConfig | config.DenoiserConfig, step: int) -> float:
+    """A stage's learning rate at `step`: constant, or `lr` held and then a cosine down to 0 over
+    the last `lr_decay_steps` (the denoiser's; 0 and the autoencoder: over all `steps`). It is a
+    function of the step alone, so a resumed run takes the same steps. Decaying it lets the
+    last steps settle into a minimum that a constant rate keeps jumping around; holding it
+    first lets a constant-rate run be extended and then cooled down (`resume_changes`)."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    decay = getattr(cfg, "lr_decay_steps", 0) or cfg.steps
+    start = cfg.steps - decay
+    if step < start:
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - start) / decay))
 
 
 def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
@@ -210,7 +216,7 @@ def train_autoencoder(ctx: Context, images: data.ImageSet) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
-            group["lr"] = autoencoder_lr(cfg, step)
+            group["lr"] = learning_rate(cfg, step)
         opt.step()
         if use_disc:
             d_loss = F.relu(1 - critic(x)).mean() + F.relu(1 + critic(out["recon"].detach())).mean()
@@ -357,6 +363,8 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
             loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step)
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))     # warm-up: EMA tracks early weights
@@ -382,10 +390,10 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
         raise UsageError(f"--out {out} exists and is not a folder")
     if stored is None and out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} is not empty and holds no run: choose a new folder")
-    if stored is not None and preset is None and config_file is None:
-        cfg = stored                     # continuing a run: its own config
+    overrides = config.read_config_file(config_file) if config_file else {}
+    if stored is not None and preset is None and (resume or not overrides):
+        cfg = config.override(stored, overrides)     # the run's own config, a --config on top
     else:
-        overrides = config.read_config_file(config_file) if config_file else {}
         cfg = config.resolve(preset or "small", overrides)
     cfg.data.source = source if source in data.SOURCES else str(Path(source).resolve())
     if size is not None:
@@ -396,11 +404,42 @@ def prepare(source: str, out: Path, preset: str | None, config_file: Path | None
     cfg.data.channels = cfg.data.channels or data.default_channels(source)
     config.check_size(cfg)
     if stored is not None:
-        diff = config.first_difference(stored, cfg)
+        diff = config.first_difference(extended(stored, cfg, out) if resume else stored, cfg)
         if diff:
             raise UsageError(f"{out} holds a run with a different config: {diff}; "
-                             "use a new --out, or leave out --preset/--config to use the run's own")
+                             "use a new --out, or leave out --preset/--config to use the run's own"
+                             + ("" if resume else " (with --resume, a --config may extend the "
+                                "denoiser's steps and learning-rate schedule)"))
     return cfg
+
+
+EXTENSIBLE = ("steps", "lr_schedule", "lr_decay_steps")
+
+
+def extended(stored: config.RunConfig, cfg: config.RunConfig, out: Path) -> config.RunConfig:
+    """`stored` with the denoiser's step count and learning-rate schedule taken from `cfg`, when
+    those alone differ and the change rewrites no step already taken: the learning rate of
+    every step before the denoiser's checkpoint stays the same, and the new end is not behind
+    it. That is how a constant-rate run is trained longer, or cooled down at its end, on
+    --resume (`rissole-edge train DATA --out RUN --resume --config longer.toml`). Otherwise
+    `stored`, and the caller refuses the difference."""
+    changed = copy.deepcopy(stored)
+    for key in EXTENSIBLE:
+        setattr(changed.denoiser, key, getattr(cfg.denoiser, key))
+    if config.first_difference(changed, cfg):
+        return stored
+    path = out / "denoiser.safetensors"
+    done = checkpoint.step_of(path) if path.exists() else 0
+    if changed.denoiser.steps < done:
+        raise UsageError(f"denoiser.steps {changed.denoiser.steps} is behind the run's checkpoint "
+                         f"at step {done}: give at least {done}")
+    rewritten = next((step for step in range(done) if not math.isclose(
+        learning_rate(stored.denoiser, step), learning_rate(changed.denoiser, step), rel_tol=1e-9)), None)
+    if rewritten is not None:
+        raise UsageError(f"the new denoiser learning-rate schedule changes step {rewritten}, which the "
+                         f"run has already taken (checkpoint at step {done}): start the decay at "
+                         f"step {done} or later")
+    return changed
 
 
 REUSED_SECTIONS = ("data", "autoencoder", "database")

@@ -98,15 +98,27 @@ def test_image_sizes_the_models_cannot_divide_are_refused_with_the_nearest_that_
         config.resolve("small", {"data": {"fit": "zoom"}})
 
 
-def test_the_autoencoder_learning_rate_schedule():
+def test_the_learning_rate_schedules():
     """Constant by default (the shipped runs); cosine goes from lr to 0 and depends on the step
-    alone, so a resumed run sets the rate each step would have had."""
-    from rissole_export.train import autoencoder_lr
+    alone, so a resumed run sets the rate each step would have had. The denoiser's may hold lr
+    and decay over the last lr_decay_steps only (a cool-down after a constant-rate run)."""
+    from rissole_export.train import learning_rate
     constant = config.resolve("tiny").autoencoder
-    assert {autoencoder_lr(constant, s) for s in (0, 200, 399)} == {constant.lr}
+    assert {learning_rate(constant, s) for s in (0, 200, 399)} == {constant.lr}
     cosine = config.resolve("tiny", {"autoencoder": {"lr_schedule": "cosine", "lr": 1e-3, "steps": 400}}).autoencoder
-    rates = [autoencoder_lr(cosine, s) for s in range(400)]
+    rates = [learning_rate(cosine, s) for s in range(400)]
     assert rates[0] == pytest.approx(1e-3) and rates[200] == pytest.approx(5e-4) and rates[-1] < 1e-7
     assert all(a > b for a, b in zip(rates, rates[1:]))
+    cooled = config.resolve("tiny", {"denoiser": {"lr_schedule": "cosine", "lr": 2e-4, "steps": 400,
+                                                  "lr_decay_steps": 100}}).denoiser
+    rates = [learning_rate(cooled, s) for s in range(400)]
+    assert set(rates[:300]) == {2e-4} and rates[350] == pytest.approx(1e-4) and rates[-1] < 1e-7
+    assert all(a > b for a, b in zip(rates[300:], rates[301:]))
+    whole = config.resolve("tiny", {"denoiser": {"lr_schedule": "cosine", "steps": 400}}).denoiser
+    assert learning_rate(whole, 200) == pytest.approx(whole.lr / 2)          # 0: decay over all steps
+    with pytest.raises(ConfigError, match="lr_decay_steps must be in"):
+        config.resolve("tiny", {"denoiser": {"steps": 400, "lr_decay_steps": 401}})
+    with pytest.raises(ConfigError, match="denoiser.lr_schedule must be"):
+        config.resolve("tiny", {"denoiser": {"lr_schedule": "linear"}})
     with pytest.raises(ConfigError, match="lr_schedule must be"):
         config.resolve("tiny", {"autoencoder": {"lr_schedule": "linear"}})

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import SAMPLE, cli, train_variant
@@ -25,6 +27,11 @@ def test_a_run_holds_everything(tiny_run):
     assert stages == {"autoencoder", "database", "denoiser"}
     grids = list((tiny_run / "samples").glob("denoiser-*.png"))
     assert grids and Image.open(grids[0]).size[0] == 8 * 16
+
+
+def safe_open_metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
 
 
 def _assert_one_line_error(proc, text):
@@ -69,6 +76,36 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, tiny_run, ti
         assert a.keys() == b.keys()
         different = [k for k in a if not (a[k] == b[k]).all()]
         assert not different, f"{name}: {different[:3]}"
+
+
+def test_resume_may_extend_and_cool_down_the_denoiser(tmp_path, tiny_run):
+    """--resume --config may raise denoiser.steps and add a decay that starts at or after the
+    checkpoint (a constant-rate run trained longer, then cooled down); a schedule that would
+    rewrite a step already taken, an end behind the checkpoint or any other change is refused."""
+    run = tmp_path / "longer"
+    shutil.copytree(tiny_run, run)
+    base = ["train", str(SAMPLE), "--out", str(run), "--resume", "--config"]
+
+    def attempt(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return cli(*base, str(path))
+
+    _assert_one_line_error(attempt("early.toml", "[denoiser]\nsteps = 80\nlr_schedule = 'cosine'\n"
+                                   "lr_decay_steps = 40\n"), "changes step 41")
+    _assert_one_line_error(attempt("behind.toml", "[denoiser]\nsteps = 50\n"), "behind the run's checkpoint")
+    _assert_one_line_error(attempt("wider.toml", "[denoiser]\nsteps = 80\nchannels = 24\n"),
+                           "different config: denoiser.channels")
+    before = load_file(str(run / "denoiser.safetensors"))
+    proc = attempt("longer.toml", "[denoiser]\nsteps = 80\nlr_schedule = 'cosine'\nlr_decay_steps = 20\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stored = json.loads((run / "config.json").read_text())["denoiser"]
+    assert (stored["steps"], stored["lr_schedule"], stored["lr_decay_steps"]) == (80, "cosine", 20)
+    after = load_file(str(run / "denoiser.safetensors"))
+    assert not (after["ema/out.2.weight"] == before["ema/out.2.weight"]).all()     # it trained on
+    groups = json.loads(safe_open_metadata(run / "denoiser.safetensors")["param_groups"])
+    assert groups["optim"][0]["lr"] < 0.02 * stored["lr"]                  # the last step's rate: cooled
+    assert cli(*base[:4], "--resume").returncode == 0                             # complete: nothing to do
 
 
 @pytest.mark.slow
