@@ -49,8 +49,10 @@ class Stopped(Exception):
 @contextlib.contextmanager
 def stop_on_signals(ctx: "Context") -> Iterator[None]:
     """SIGINT/SIGTERM set `ctx.signalled`: the step loop then checkpoints and stops (`Stopped`)
-    instead of dying mid-write; the previous handlers come back afterwards."""
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    instead of dying mid-write; the previous handlers come back afterwards. A signal the
+    process was started ignoring (SIGINT in a script's background job) stays ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def on_signal(signum: int, frame: object) -> None:
         ctx.signalled = True

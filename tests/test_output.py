@@ -23,7 +23,7 @@ from rissole_edge.bundle import BundleError
 from rissole_edge.cli import app
 from rissole_edge.errors import UsageError
 from rissole_edge.generator import Generator
-from rissole_edge.output import ImageWriter
+from rissole_edge.output import ImageWriter, _interrupts_deferred
 
 from conftest import cli
 
@@ -149,9 +149,11 @@ def test_progress_counts_images_and_finished_groups_survive_an_interrupt(tmp_pat
 def test_ctrl_c_keeps_the_finished_groups(tmp_path):
     """SIGINT once the first group is on disk: exit 130, every PNG whole, a line that says so."""
     out = tmp_path / "o"
+    # SIGINT at its default in the child even where pytest itself was started ignoring it (a
+    # script's background job): an ignored SIGINT is kept ignored (the next test).
     proc = subprocess.Popen([sys.executable, "-m", "rissole_edge", "generate", "-n", "10000", "--steps", "10",
                              "--threads", "1", "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while not (out / "seed0-0000.png").exists() and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -163,6 +165,32 @@ def test_ctrl_c_keeps_the_finished_groups(tmp_path):
     for path in written:
         Image.open(path).load()
     assert not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("at_start", [signal.SIG_IGN, signal.default_int_handler])
+def test_a_sigint_during_a_write_is_held_unless_the_process_ignores_it(at_start):
+    """At the default, a SIGINT while a group is written is held and raised after it. A run
+    started with SIGINT ignored (`cmd &` in a script) must not stop because one happened to
+    land during a write, and it must still ignore SIGINT afterwards."""
+    previous = signal.signal(signal.SIGINT, at_start)
+    try:
+        if at_start is signal.SIG_IGN:
+            try:
+                with _interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)
+            except KeyboardInterrupt:
+                pytest.fail("an ignored SIGINT stopped the write")
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                with _interrupts_deferred():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    time.sleep(0.01)
+                    reached = True                       # held: the block ran to its end
+            assert reached and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_writer_refuses_an_unwritable_folder(tmp_path):

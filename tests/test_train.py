@@ -108,6 +108,29 @@ def test_resume_may_extend_and_cool_down_the_denoiser(tmp_path, tiny_run):
     assert cli(*base[:4], "--resume").returncode == 0                             # complete: nothing to do
 
 
+def test_an_ignored_sigint_stays_ignored_while_training():
+    """A training run started with SIGINT ignored (a script's background job) keeps ignoring it;
+    SIGTERM still checkpoints and stops."""
+    from rissole_export.train import stop_on_signals
+
+    class Ctx:
+        signalled = False
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_on_signals(Ctx):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert not Ctx.signalled
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert Ctx.signalled
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.slow
 def test_max_minutes_stops_with_a_checkpoint(tmp_path, tiny_config):
     run = tmp_path / "short"
