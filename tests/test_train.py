@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,3 +219,27 @@ def test_a_folder_of_mixed_sizes_trains_under_the_default_size(tmp_path):
         "--stage", "autoencoder", check=True)
     stored = json.loads((run / "config.json").read_text())["data"]
     assert (stored["size"], stored["fit"]) == (32, "pad") and (run / "autoencoder.safetensors").exists()
+
+
+def test_heldout_loss_ranks_a_trained_denoiser_above_an_untrained_one(tiny_run):
+    """benchmarks/heldout_loss.py: the run's EMA denoiser has a lower epsilon loss on held-out
+    and training images than the same network at its initial weights, on the same noise."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import heldout_loss
+    from rissole_export import data
+    from rissole_export.sampling import RunModels
+
+    m = RunModels.load(tiny_run)
+    images = data.load(m.cfg.data.source, m.cfg.data)
+    assert len(images.test)
+    latents, neighbours = heldout_loss.test_set(m, images.test, tiny_run / "database")
+    assert neighbours.shape == (len(images.test), m.cfg.denoiser.k)
+    trained = heldout_loss.losses(m, latents, neighbours)
+    assert trained == heldout_loss.losses(m, latents, neighbours)          # the same noise every time
+    torch.manual_seed(0)
+    for p in m.net.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    untrained = heldout_loss.losses(m, latents, neighbours)
+    assert sum(trained.values()) < sum(untrained.values())
