@@ -6,8 +6,8 @@ so a resumed or re-exported run always sees exactly the settings it was trained 
 
 from __future__ import annotations
 
-import dataclasses
 import copy
+import dataclasses
 import json
 import tomllib
 from dataclasses import asdict, dataclass, field

@@ -175,7 +175,7 @@ def learning_rate(cfg: config.AutoencoderConfig | config.DenoiserConfig, step: i
     the last `lr_decay_steps` (the denoiser's; 0 and the autoencoder: over all `steps`). It is a
     function of the step alone, so a resumed run takes the same steps. Decaying it lets the
     last steps settle into a minimum that a constant rate keeps jumping around; holding it
-    first lets a constant-rate run be extended and then cooled down (`resume_changes`)."""
+    first lets a constant-rate run be extended and then cooled down (`extended`)."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     decay = getattr(cfg, "lr_decay_steps", 0) or cfg.steps

@@ -105,7 +105,7 @@ class ImageWriter:
 def _interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT until the block ends, then raise KeyboardInterrupt if one came (only the main
     thread can set signal handlers; elsewhere the block runs as it is). A process started with
-    SIGINT ignored (a background job of a script, `nohup`) keeps ignoring it here too: a
+    SIGINT ignored (`cmd &` in a script) keeps ignoring it here too: a
     handler only while a group is written would stop such a run at random."""
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
