@@ -43,7 +43,7 @@ def train(
     data: str = typer.Argument(..., help="An image folder (sub-folders = classes), 'fashion-mnist' or 'twemoji'."),
     out: Path = typer.Option(..., "--out", help="Run directory: config, checkpoints, database, metrics, samples."),
     preset: Optional[str] = typer.Option(None, help="tiny | small | base (default: small for a new run, the run's own config for an existing one)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON overrides of the preset."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML or JSON overrides of the preset (with --resume: of the run's own config, where only the denoiser's steps and learning-rate schedule may change)."),
     stage: str = typer.Option("all", help="autoencoder | database | denoiser | all."),
     max_minutes: Optional[float] = typer.Option(None, help="Checkpoint and stop after this many minutes."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last checkpoint."),
