@@ -11,7 +11,8 @@ gains (low t: detail; high t: layout, where blocks decide what they show).
 
 Neighbours: a training image's k nearest from its own neighbour list; a test image's k
 nearest training images by the database key (exact search on the PCA keys; training images
-with the test image's exact codes are skipped, as the database skips duplicates). Runs must
+with the test image's exact codes are skipped, as the database skips duplicates; keys are
+unit vectors, so `database.exact_knn`'s cosine order is the distance order). Runs must
 share the first run's autoencoder and database (`--reuse`/extensions of one base).
 """
 
@@ -41,9 +42,10 @@ def test_set(m: RunModels, pixels: np.ndarray, folder: Path) -> tuple[torch.Tens
     latents = database.code_latents(m.ae.codebook.embedding.detach().numpy().astype(np.float32), codes)
     pca = np.load(folder / "pca.npz", allow_pickle=False)
     keys = project(keys_of(latents, cfg.database.key, bps), pca["mean"], pca["components"])
-    db_keys = np.load(folder / "keys.npy", allow_pickle=False)
-    order = np.argsort(((keys[:, None, :] - db_keys[None]) ** 2).sum(-1), axis=1)
     db_codes = m.db.codes.reshape(len(m.db.codes), -1)
+    # enough candidates that k remain once a whole group of duplicates is skipped
+    want = cfg.denoiser.k + int(np.bincount(database.duplicate_groups(db_codes)).max())
+    order = database.exact_knn(np.load(folder / "keys.npy", allow_pickle=False), keys, want)
     own = blocks.split(codes[:, None], bps)[:, :, 0].reshape(len(codes), -1)
     neighbours = np.array([[j for j in row if not np.array_equal(db_codes[j], mine)][:cfg.denoiser.k]
                            for row, mine in zip(order, own)])

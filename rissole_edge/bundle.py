@@ -220,6 +220,7 @@ def check_guidance(guidance: float, name: str = "guidance") -> None:
     if not 0 <= guidance <= MAX_GUIDANCE:
         raise UsageError(f"{name} must be between 0 and {MAX_GUIDANCE:g}, got {guidance}")
 
+
 DEFAULT_SAMPLER = "ddim"      # what bundles that recommend no sampler or step count get
 DEFAULT_STEPS = 50
 
