@@ -71,6 +71,7 @@ class DenoiserConfig:
     cond_noise: float = 0.0          # std of noise added to neighbour blocks in training
     border: int = 0                  # >0: each block also sees this many latent rows/columns of its adjacent blocks (x_t)
     seam_loss: float = 0.0           # >0: weight of the border-consistency loss (batches of adjacent block pairs)
+    self_condition: bool = False     # the window also carries the previous call's x0 estimate (needs border > 0)
     schedule: str = "linear"
     timesteps: int = 1000
     prediction: str = "eps"          # "eps"; "v" for distilled few-step students (docs/method.md)
@@ -173,6 +174,8 @@ def _validate(cfg: RunConfig) -> None:
         (0 <= dn.cond_drop < 1, "denoiser.cond_drop must be in [0, 1)"),
         (dn.border >= 0 and (dn.border == 0 or dn.kind != "whole"),
          "denoiser.border must be >= 0, and 0 for the whole-latent model (it has no adjacent blocks)"),
+        (not dn.self_condition or dn.border > 0,
+         "denoiser.self_condition needs denoiser.border > 0 (the estimate travels in the block's window)"),
         (dn.seam_loss >= 0 and (dn.seam_loss == 0 or (dn.kind != "whole" and dn.blocks_per_side > 1)),
          "denoiser.seam_loss must be >= 0, and 0 without adjacent blocks (whole model, blocks_per_side 1)"),
         (all(x > 0 for x in (ae.steps, ae.batch_size, dn.steps, dn.batch_size)),

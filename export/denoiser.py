@@ -28,7 +28,11 @@ class UNet(nn.Module):
     (`windows`), so that the block sees the w latent rows/columns of the adjacent blocks that
     touch it. A (2w+1)-square convolution without padding maps the window onto the block's
     s x s grid, added to the input features like `cond`; it starts at zero, so a trained net
-    given the switch starts out computing what it did without it.
+    given the switch starts out computing what it did without it. With `self_condition` the
+    window has 2C channels: x_t's window, then the same window of the x0 estimate that the
+    previous call made for the whole image (`x0_estimate`; zeros at the first call): a block
+    then sees what its neighbours are becoming, not only their noisy state (self-conditioning,
+    Chen et al. 2022, "Analog Bits", here across blocks).
 
     With `v_schedule` (alpha_bar per timestep) the network predicts v = a eps - s x0 and the
     module returns eps = s x + a v: the output is still epsilon, so the runtime samples it like
@@ -38,7 +42,7 @@ class UNet(nn.Module):
 
     def __init__(self, latent_channels: int, block_size: int, k: int, positions: int,
                  channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str,
-                 v_schedule: torch.Tensor | None = None, border: int = 0):
+                 v_schedule: torch.Tensor | None = None, border: int = 0, self_condition: bool = False):
         super().__init__()
         if block_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"a block of side {block_size} cannot be halved "
@@ -53,8 +57,9 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(latent_channels + (cond_channels if concat else 0), channels, 3, padding=1)
         # Additive fusion (the paper): the neighbours get their own conv, added to the input features.
         self.cond_in = nn.Conv2d(cond_channels, channels, 3, padding=1) if k and not concat else None
-        self.border = border
-        self.border_in = nn.Conv2d(latent_channels, channels, 2 * border + 1) if border else None
+        self.border, self.self_condition = border, self_condition
+        window_channels = latent_channels * (2 if self_condition else 1)
+        self.border_in = nn.Conv2d(window_channels, channels, 2 * border + 1) if border else None
         if self.border_in is not None:
             nn.init.zeros_(self.border_in.weight)
             nn.init.zeros_(self.border_in.bias)
@@ -124,6 +129,17 @@ def windows(blocks: torch.Tensor, blocks_per_side: int, width: int) -> torch.Ten
     return tiles.permute(0, 2, 3, 1, 4, 5).reshape(n, p, c, side, side)
 
 
+ESTIMATE_LIMIT = 5.0      # latents are scaled to unit variance; beyond this an x0 estimate is noise
+
+
+def x0_estimate(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The x0 a noise prediction implies, clamped: at high noise (x_t - sqrt(1-a) eps) / sqrt(a)
+    multiplies eps's error by up to 1/sqrt(a) (150x at t = 999), and a self-conditioned block
+    should see a bounded guess there, the same in training and sampling."""
+    a = alpha_bar.float()
+    return ((x_t - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-ESTIMATE_LIMIT, ESTIMATE_LIMIT)
+
+
 def geometry(cfg: DenoiserConfig, latent_side: int) -> tuple[int, int]:
     """(block side, number of block positions) for a latent of side `latent_side`."""
     blocks = 1 if cfg.kind == "whole" else cfg.blocks_per_side
@@ -138,7 +154,7 @@ def build(cfg: DenoiserConfig, latent_channels: int, latent_side: int) -> UNet:
     k = cfg.k if cfg.kind == "block" else 0
     v_schedule = torch.from_numpy(alphas_cumprod(cfg.schedule, cfg.timesteps)) if cfg.prediction == "v" else None
     return UNet(latent_channels, block_size, k, positions, cfg.channels, cfg.channel_mult,
-                cfg.res_blocks, cfg.fusion, v_schedule, cfg.border)
+                cfg.res_blocks, cfg.fusion, v_schedule, cfg.border, cfg.self_condition)
 
 
 def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,

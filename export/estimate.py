@@ -54,7 +54,8 @@ def denoiser_step(cfg: DenoiserConfig, latent_channels: int, latent_side: int,
     t = torch.randint(cfg.timesteps, (b,), device=device).float()
     cond = torch.randn(b, net.k * latent_channels, block, block, device=device) if net.k else None
     side = block + 2 * net.border
-    window = torch.randn(b, latent_channels, side, side, device=device) if net.border else None
+    window_channels = latent_channels * (2 if net.self_condition else 1)
+    window = torch.randn(b, window_channels, side, side, device=device) if net.border else None
 
     def step() -> None:
         loss = denoiser.epsilon_loss(net, x, t, pos, cond, torch.randn_like(x), window)

@@ -83,7 +83,8 @@ def generate_latents(net: denoiser.UNet, latents: torch.Tensor, neighbours: np.n
                      on_call: Callable[[dict[str, np.ndarray]], None] | None = None) -> np.ndarray:
     """The scaled latents (n, C, H, W) that `generate` decodes, from a denoiser, the database's
     block latents (N, P, C, s, s) and its neighbour lists. A border-conditioned denoiser gets,
-    at every call, each block's window of its own image's current x_t."""
+    at every call, each block's window of its own image's current x_t; a self-conditioned one
+    also the window of the x0 estimate of the previous call (guided, as the step used it)."""
     positions = latents.shape[1]
     b = int(round(positions ** 0.5))
     c, s = net.latent_channels, net.block_size
@@ -98,10 +99,14 @@ def generate_latents(net: denoiser.UNet, latents: torch.Tensor, neighbours: np.n
         nb = latents[torch.from_numpy(np.stack(picks)).long()]          # (n, k, P, C, s, s)
         cond = nb.permute(0, 2, 1, 3, 4, 5).reshape(-1, net.k * c, s, s)
 
+    estimate = torch.zeros(len(query_ids) * positions, c, s, s)
+
     def eps_fn(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal estimate
         window = None
         if net.border:
-            window = denoiser.windows(xt.reshape(-1, *shape), b, net.border).flatten(0, 1)
+            seen = torch.cat([xt, estimate], dim=1) if net.self_condition else xt
+            window = denoiser.windows(seen.reshape(len(query_ids), positions, -1, s, s), b, net.border).flatten(0, 1)
         if on_call is not None:
             feeds = {"x": xt.numpy(), "t": t.numpy(), "pos": pos.numpy()}
             if cond is not None:
@@ -113,6 +118,8 @@ def generate_latents(net: denoiser.UNet, latents: torch.Tensor, neighbours: np.n
         if cond is not None and guidance != 1.0:
             uncond = net(xt, t, pos, torch.zeros_like(cond), window)
             eps = uncond + guidance * (eps - uncond)
+        if net.self_condition:
+            estimate = denoiser.x0_estimate(xt, eps, diffusion.alpha_bar[t.long()].view(-1, 1, 1, 1))
         return eps
 
     def noise_fn(step: int) -> torch.Tensor:

@@ -282,12 +282,15 @@ def train_denoiser(ctx: Context) -> dict[str, float]:
 
 
 def noisy_batch(diffusion: Diffusion, images: torch.Tensor, pos: torch.Tensor, t: torch.Tensor,
-                g: torch.Generator, border: int, blocks_per_side: int
+                g: torch.Generator, border: int, blocks_per_side: int,
+                estimate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x_t of block `pos`, its noise, its window or None) for latents `images` (batch, P, C, s, s);
     `pos` (batch, m) takes m blocks of each image, flattened image-major.
     With `border` the whole latent of each image is noised at its one timestep, so the strips
-    of the adjacent blocks in the window are what sampling gives the block: x_t at the same t."""
+    of the adjacent blocks in the window are what sampling gives the block: x_t at the same t.
+    `estimate(x_t, t)` (self-conditioning) gives x0 estimates of all blocks (batch, P, C, s, s),
+    whose windows follow x_t's in the window's channels."""
     rows = torch.arange(len(images), device=images.device).view(-1, *[1] * (pos.dim() - 1))
     if not border:
         x0 = images[rows, pos]
@@ -295,8 +298,40 @@ def noisy_batch(diffusion: Diffusion, images: torch.Tensor, pos: torch.Tensor, t
         return diffusion.add_noise(x0, t, noise).flatten(0, pos.dim() - 1), noise.flatten(0, pos.dim() - 1), None
     noise = torch.randn(images.shape, generator=g).to(images.device)
     x_t = diffusion.add_noise(images, t, noise)
-    picked = (x_t[rows, pos], noise[rows, pos], denoiser.windows(x_t, blocks_per_side, border)[rows, pos])
+    seen = x_t if estimate is None else torch.cat([x_t, estimate(x_t, t)], dim=2)
+    picked = (x_t[rows, pos], noise[rows, pos], denoiser.windows(seen, blocks_per_side, border)[rows, pos])
     return tuple(x.flatten(0, pos.dim() - 1) for x in picked)
+
+
+def self_estimates(net: denoiser.UNet, diffusion: Diffusion, cond: torch.Tensor | None, use: torch.Tensor,
+                   blocks_per_side: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `estimate` of `noisy_batch` for a self-conditioned net: the net's own x0 estimate of
+    every block of the images where `use` (batch,) is True, from a first call without one
+    (no gradient), zeros elsewhere (as at sampling's first call). `cond` (batch, P, k*C, s, s):
+    each image's neighbour blocks at every position, as sampling gives all blocks of an image."""
+    def estimate(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(x_t)
+        if not bool(use.any()):
+            return out
+        xs, ts = x_t[use], t[use]
+        m, p = xs.shape[:2]
+        window = denoiser.windows(torch.cat([xs, torch.zeros_like(xs)], dim=2), blocks_per_side, net.border)
+        pos = torch.arange(p, device=xs.device).repeat(m)
+        with torch.no_grad():
+            eps = net(xs.flatten(0, 1), ts.repeat_interleave(p).float(), pos,
+                      None if cond is None else cond[use].flatten(0, 1), window.flatten(0, 1))
+        a = diffusion.alpha_bar.to(xs.device)[ts].view(-1, 1, 1, 1, 1)
+        out[use] = denoiser.x0_estimate(xs, eps.view_as(xs), a)
+        return out
+    return estimate
+
+
+def image_cond(latents: torch.Tensor, nb: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(batch, P, k*C, s, s): the neighbours `nb` (batch, k) at every block position, dropped
+    (zeros) where `keep` (batch,) is 0."""
+    blocks = latents[nb]                                                    # (batch, k, P, C, s, s)
+    n, k, p, c, s, _ = blocks.shape
+    return blocks.permute(0, 2, 1, 3, 4, 5).reshape(n, p, k * c, s, s) * keep.view(-1, 1, 1, 1, 1)
 
 
 def adjacent_pairs(blocks_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,7 +377,7 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
         else:
             idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
             pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
-        cond = None
+        cond, nb, keep = None, None, None
         if net.k:
             # k of the `window` nearest, in rank order: the same rule as at sampling time
             m = len(idx)
@@ -353,15 +388,22 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
                 cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(ctx.device)
             keep = (torch.rand(m, generator=g) >= cfg.cond_drop).float().to(ctx.device)
             cond = cond * keep[:, None, None, None]
+        first = slice(None, None, 2) if cfg.seam_loss else slice(None)    # one row per image
+        own_estimate = None
+        if cfg.self_condition:  # half the images get the net's own estimate, as sampling will
+            use = (torch.rand(len(idx[first]), generator=g) < 0.5).to(ctx.device)
+            image_nb = None if nb is None else image_cond(latents, nb[first], keep[first])
+            own_estimate = self_estimates(net, diffusion, image_nb, use, b)
         if cfg.seam_loss:       # both blocks of a pair from one noisy latent, at one timestep
             t = torch.randint(cfg.timesteps, (batch // 2,), generator=g).to(ctx.device)
-            x_t, noise, window = noisy_batch(diffusion, latents[idx[::2]], pos.view(-1, 2), t, g, net.border, b)
+            x_t, noise, window = noisy_batch(diffusion, latents[idx[::2]], pos.view(-1, 2), t, g, net.border, b,
+                                             own_estimate)
             t = t.repeat_interleave(2)
             error = model(x_t, t.float(), pos, cond, window) - noise
             loss = error.pow(2).mean() + cfg.seam_loss * denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
         else:
             t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
-            x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b)
+            x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b, own_estimate)
             loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()

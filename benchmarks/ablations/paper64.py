@@ -10,6 +10,11 @@ twemoji-v2 run), so the rows differ only in their denoiser:
     whole         kind = "whole", 64 channels: the same parameter count (border and seam loss
                   need adjacent blocks, so they go too)
     whole-4x      kind = "whole", 128 channels: 3.97x the parameters
+    block-w4      border = 4 (half a block of each adjacent block's x_t, instead of 2 rows)
+    block-w8      border = 8: every block sees its whole image's x_t (item 2: does shared
+                  context make blocks agree, as the whole-latent rows do?)
+    block-w8-sc   border = 8 and self_condition: the window also carries the previous call's
+                  x0 estimate of the whole image (what the other blocks are becoming)
 
     python benchmarks/ablations/paper64.py train ROW --seed S --steps N --out RUN --base BASE [--max-minutes M]
     python benchmarks/ablations/paper64.py cost [--steps 4]
@@ -50,6 +55,9 @@ ROWS: dict[str, dict[str, Any]] = {
     "noretrieval": {"kind": "block-noretrieval"},
     "whole": {"kind": "whole", "border": 0, "seam_loss": 0.0},
     "whole-4x": {"kind": "whole", "border": 0, "seam_loss": 0.0, "channels": 128},
+    "block-w4": {"border": 4},
+    "block-w8": {"border": 8},
+    "block-w8-sc": {"border": 8, "self_condition": True},
 }
 LATENT_CHANNELS, LATENT_SIDE = 4, 16      # 64x64 through the twemoji-v2 autoencoder
 
