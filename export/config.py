@@ -72,6 +72,7 @@ class DenoiserConfig:
     border: int = 0                  # >0: each block also sees this many latent rows/columns of its adjacent blocks (x_t)
     seam_loss: float = 0.0           # >0: weight of the border-consistency loss (batches of adjacent block pairs)
     self_condition: bool = False     # the window also carries the previous call's x0 estimate (needs border > 0)
+    cross_block: bool = False        # attention across the blocks of an image at the bottleneck (toolchain ablation)
     schedule: str = "linear"
     timesteps: int = 1000
     prediction: str = "eps"          # "eps"; "v" for distilled few-step students (docs/method.md)
@@ -176,6 +177,10 @@ def _validate(cfg: RunConfig) -> None:
          "denoiser.border must be >= 0, and 0 for the whole-latent model (it has no adjacent blocks)"),
         (not dn.self_condition or dn.border > 0,
          "denoiser.self_condition needs denoiser.border > 0 (the estimate travels in the block's window)"),
+        (not dn.cross_block or (dn.kind != "whole" and dn.blocks_per_side > 1 and dn.seam_loss == 0
+                                and dn.batch_size % dn.blocks_per_side ** 2 == 0),
+         "denoiser.cross_block needs a block denoiser with blocks_per_side > 1, seam_loss 0 and a batch_size "
+         "that is a multiple of blocks_per_side^2 (a batch holds every block of its images)"),
         (dn.seam_loss >= 0 and (dn.seam_loss == 0 or (dn.kind != "whole" and dn.blocks_per_side > 1)),
          "denoiser.seam_loss must be >= 0, and 0 without adjacent blocks (whole model, blocks_per_side 1)"),
         (all(x > 0 for x in (ae.steps, ae.batch_size, dn.steps, dn.batch_size)),

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from rissole_edge.schedule import alphas_cumprod
 
 from .config import DenoiserConfig
-from .layers import Downsample, ResBlock, Upsample, norm, sinusoidal
+from .layers import BlockMixer, Downsample, ResBlock, Upsample, norm, sinusoidal
 
 
 class UNet(nn.Module):
@@ -33,6 +33,8 @@ class UNet(nn.Module):
     previous call made for the whole image (`x0_estimate`; zeros at the first call): a block
     then sees what its neighbours are becoming, not only their noisy state (self-conditioning,
     Chen et al. 2022, "Analog Bits", here across blocks).
+    With `cross_block` a `BlockMixer` between the two middle blocks lets the blocks of an image
+    attend to each other's bottleneck features; the batch then holds whole images, image-major.
 
     With `v_schedule` (alpha_bar per timestep) the network predicts v = a eps - s x0 and the
     module returns eps = s x + a v: the output is still epsilon, so the runtime samples it like
@@ -42,7 +44,8 @@ class UNet(nn.Module):
 
     def __init__(self, latent_channels: int, block_size: int, k: int, positions: int,
                  channels: int, channel_mult: tuple[int, ...], res_blocks: int, fusion: str,
-                 v_schedule: torch.Tensor | None = None, border: int = 0, self_condition: bool = False):
+                 v_schedule: torch.Tensor | None = None, border: int = 0, self_condition: bool = False,
+                 cross_block: bool = False):
         super().__init__()
         if block_size % 2 ** (len(channel_mult) - 1):
             raise ValueError(f"a block of side {block_size} cannot be halved "
@@ -76,6 +79,8 @@ class UNet(nn.Module):
                 self.down.append(Downsample(cin))
                 skips.append(cin)
         self.mid = nn.ModuleList([ResBlock(cin, cin, emb), ResBlock(cin, cin, emb)])
+        bottom = block_size // 2 ** (len(channel_mult) - 1)
+        self.mixer = BlockMixer(cin, positions, bottom) if cross_block else None
         self.up = nn.ModuleList()
         for i, width in reversed(list(enumerate(widths))):
             for _ in range(res_blocks + 1):
@@ -107,8 +112,10 @@ class UNet(nn.Module):
         for layer in self.down:
             h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
             hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb)
+        h = self.mid[0](h, emb)
+        if self.mixer is not None:
+            h = self.mixer(h)
+        h = self.mid[1](h, emb)
         for layer in self.up:
             h = layer(torch.cat([h, hs.pop()], dim=1), emb) if isinstance(layer, ResBlock) else layer(h)
         if not self.v_prediction:
@@ -154,7 +161,7 @@ def build(cfg: DenoiserConfig, latent_channels: int, latent_side: int) -> UNet:
     k = cfg.k if cfg.kind == "block" else 0
     v_schedule = torch.from_numpy(alphas_cumprod(cfg.schedule, cfg.timesteps)) if cfg.prediction == "v" else None
     return UNet(latent_channels, block_size, k, positions, cfg.channels, cfg.channel_mult,
-                cfg.res_blocks, cfg.fusion, v_schedule, cfg.border, cfg.self_condition)
+                cfg.res_blocks, cfg.fusion, v_schedule, cfg.border, cfg.self_condition, cfg.cross_block)
 
 
 def epsilon_loss(model: nn.Module, x_noisy: torch.Tensor, t: torch.Tensor, pos: torch.Tensor,

@@ -41,9 +41,10 @@ def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a training run (no config.json)")
     cfg = config.load(run / "config.json")
-    if cfg.denoiser.self_condition:
-        raise UsageError("the run's denoiser is self-conditioned (denoiser.self_condition), a toolchain "
-                         "ablation that bundles cannot carry yet: evaluate it with 'rissole-edge evaluate RUN'")
+    ablation = [name for name in ("self_condition", "cross_block") if getattr(cfg.denoiser, name)]
+    if ablation:
+        raise UsageError(f"the run's denoiser uses denoiser.{ablation[0]}, a toolchain ablation that bundles "
+                         "cannot carry yet: measure it with 'rissole-edge evaluate RUN'")
     for stage in STAGES:
         if not stage_complete(run, stage, cfg):
             raise UsageError(f"the run's {stage} stage is not complete: finish it with 'rissole-edge train --resume'")

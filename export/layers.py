@@ -64,3 +64,28 @@ def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class BlockMixer(nn.Module):
+    """Self-attention over the bottleneck features of all `positions` blocks of each image:
+    the one place where blocks compute together rather than only seeing each other's inputs.
+    The batch must hold every block of its images, image-major (as sampling and a cross_block
+    training batch do). Tokens get a learned embedding of where they sit in the image; the
+    output projection starts at zero, so the mixer starts as the identity."""
+
+    def __init__(self, channels: int, positions: int, side: int, heads: int = 4):
+        super().__init__()
+        self.positions = positions
+        self.norm = norm(channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.where = nn.Parameter(torch.zeros(positions * side * side, channels))
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n, c, hh, ww = h.shape
+        p = self.positions
+        tokens = self.norm(h).reshape(n // p, p, c, hh * ww).permute(0, 1, 3, 2).reshape(n // p, p * hh * ww, c)
+        tokens = tokens + self.where
+        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return h + mixed.reshape(n // p, p, hh * ww, c).permute(0, 1, 3, 2).reshape(n, c, hh, ww)

@@ -370,37 +370,46 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
 
     for step in ctx.loop("denoiser", start, cfg.steps, save):
         g = ctx.generator("denoiser", step)
+        group = positions if cfg.cross_block else 2 if cfg.seam_loss else 1     # blocks per image
         if cfg.seam_loss:       # batch // 2 images, one adjacent pair of blocks each
             idx = torch.randint(n, (batch // 2,), generator=g).repeat_interleave(2).to(ctx.device)
             pick = torch.randint(len(pairs), (batch // 2,), generator=g)
             pos = pairs[pick].reshape(-1).to(ctx.device)
+        elif cfg.cross_block:   # batch // P images, all their blocks: the mixer attends across them
+            idx = torch.randint(n, (batch // group,), generator=g).repeat_interleave(group).to(ctx.device)
+            pos = torch.arange(positions).repeat(batch // group).to(ctx.device)
         else:
             idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
             pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
         cond, nb, keep = None, None, None
         if net.k:
-            # k of the `window` nearest, in rank order: the same rule as at sampling time
+            # k of the `window` nearest, in rank order: the same rule as at sampling time, where
+            # the blocks of an image share them (so do a cross_block batch's)
             m = len(idx)
-            ranks = torch.rand(m, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
-            nb = neighbours[idx[:, None], ranks.to(ctx.device)]                     # (m, k)
+            shared = group if cfg.cross_block else 1
+            ranks = torch.rand(m // shared, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
+            nb = neighbours[idx[:, None], ranks.repeat_interleave(shared, 0).to(ctx.device)]     # (m, k)
             cond = latents[nb, pos[:, None]].reshape(m, net.k * c, s, s)
             if cfg.cond_noise:
                 cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(ctx.device)
-            keep = (torch.rand(m, generator=g) >= cfg.cond_drop).float().to(ctx.device)
+            keep = (torch.rand(m // shared, generator=g) >= cfg.cond_drop).float().repeat_interleave(shared)
+            keep = keep.to(ctx.device)
             cond = cond * keep[:, None, None, None]
-        first = slice(None, None, 2) if cfg.seam_loss else slice(None)    # one row per image
+        first = slice(None, None, group)        # one row per image
         own_estimate = None
         if cfg.self_condition:  # half the images get the net's own estimate, as sampling will
             use = (torch.rand(len(idx[first]), generator=g) < 0.5).to(ctx.device)
             image_nb = None if nb is None else image_cond(latents, nb[first], keep[first])
             own_estimate = self_estimates(net, diffusion, image_nb, use, b)
-        if cfg.seam_loss:       # both blocks of a pair from one noisy latent, at one timestep
-            t = torch.randint(cfg.timesteps, (batch // 2,), generator=g).to(ctx.device)
-            x_t, noise, window = noisy_batch(diffusion, latents[idx[::2]], pos.view(-1, 2), t, g, net.border, b,
+        if group > 1:           # the blocks of an image from one noisy latent, at one timestep
+            t = torch.randint(cfg.timesteps, (batch // group,), generator=g).to(ctx.device)
+            x_t, noise, window = noisy_batch(diffusion, latents[idx[first]], pos.view(-1, group), t, g, net.border, b,
                                              own_estimate)
-            t = t.repeat_interleave(2)
+            t = t.repeat_interleave(group)
             error = model(x_t, t.float(), pos, cond, window) - noise
-            loss = error.pow(2).mean() + cfg.seam_loss * denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
+            loss = error.pow(2).mean()
+            if cfg.seam_loss:
+                loss = loss + cfg.seam_loss * denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
         else:
             t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
             x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b, own_estimate)

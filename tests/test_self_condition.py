@@ -82,5 +82,5 @@ def test_sampling_feeds_each_call_the_previous_call_s_estimate():
 def test_export_refuses_a_self_conditioned_run(tmp_path):
     cfg = config.resolve("tiny", {"denoiser": {"border": W, "self_condition": True}})
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    with pytest.raises(UsageError, match="self-conditioned"):
+    with pytest.raises(UsageError, match="denoiser.self_condition, a toolchain ablation"):
         exporter._check_inputs(tmp_path, tmp_path / "out.rissole", "int8", "x86", 32, 2.0)

@@ -15,6 +15,8 @@ twemoji-v2 run), so the rows differ only in their denoiser:
                   context make blocks agree, as the whole-latent rows do?)
     block-w8-sc   border = 8 and self_condition: the window also carries the previous call's
                   x0 estimate of the whole image (what the other blocks are becoming)
+    block-xb      cross_block: the blocks of an image attend to each other at the bottleneck
+                  (a batch then holds 16 whole images; seam_loss 0, which needs pairs)
 
     python benchmarks/ablations/paper64.py train ROW --seed S --steps N --out RUN --base BASE [--max-minutes M]
     python benchmarks/ablations/paper64.py cost [--steps 4]
@@ -58,6 +60,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "block-w4": {"border": 4},
     "block-w8": {"border": 8},
     "block-w8-sc": {"border": 8, "self_condition": True},
+    "block-xb": {"cross_block": True, "seam_loss": 0.0},
 }
 LATENT_CHANNELS, LATENT_SIDE = 4, 16      # 64x64 through the twemoji-v2 autoencoder
 
