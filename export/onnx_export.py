@@ -72,7 +72,7 @@ def denoiser(net: UNet) -> bytes:
         args += (torch.randn(2, net.k * c, s, s),)
         inputs.append("cond")
     if net.border:
-        args += (torch.randn(2, c, w, w),)
+        args += (torch.randn(2, net.border_in.in_channels, w, w),)     # 2C with self-conditioning
         inputs.append("window")
     return _export(_Denoiser(net, inputs), args, inputs, ["eps"])
 

@@ -5,11 +5,12 @@ first call of the net itself, on half the images) and in sampling (from the prev
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
 from rissole_edge.errors import UsageError
-from rissole_export import config, denoiser, exporter, train
+from rissole_export import config, denoiser, exporter, onnx_export, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
@@ -84,3 +85,17 @@ def test_export_refuses_a_self_conditioned_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(UsageError, match="denoiser.self_condition, a toolchain ablation"):
         exporter._check_inputs(tmp_path, tmp_path / "out.rissole", "int8", "x86", 32, 2.0)
+
+
+def test_the_denoiser_graph_takes_both_windows():
+    """What `paper64.py cost` counts a self-conditioned row's generation cost from."""
+    net = _net()
+    sess = ort.InferenceSession(onnx_export.denoiser(net), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[-1].name == "window" and sess.get_inputs()[-1].shape[1] == 2 * C
+    g = torch.Generator().manual_seed(2)
+    feeds = {"x": torch.randn(2, C, S, S, generator=g), "t": torch.tensor([5.0, 700.0]), "pos": torch.tensor([0, 3]),
+             "cond": torch.randn(2, net.k * C, S, S, generator=g),
+             "window": torch.randn(2, 2 * C, S + 2 * W, S + 2 * W, generator=g)}
+    got = sess.run(["eps"], {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, net(*feeds.values()).numpy(), atol=1e-5)

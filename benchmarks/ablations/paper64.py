@@ -132,8 +132,11 @@ def step_costs(timed_steps: int) -> dict:
                      for row, run in runs.items()}}
 
 
-def generation_cost(cfg: config.DenoiserConfig) -> dict[str, int]:
-    """MACs and activation bytes per image per denoiser call, from the row's fp32 ONNX graph."""
+def generation_cost(cfg: config.DenoiserConfig) -> dict[str, int | None]:
+    """MACs and activation bytes per image per denoiser call, from the row's fp32 ONNX graph;
+    None for a cross_block row, whose graph is not per block item (a call needs whole images)."""
+    if cfg.cross_block:
+        return {"macs_per_image_call": None, "activation_bytes_per_image_call": None}
     net = denoiser.build(cfg, LATENT_CHANNELS, LATENT_SIDE).eval()
     model = onnx_export.denoiser(net)
     calls = 1 if cfg.kind == "whole" else cfg.blocks_per_side ** 2
