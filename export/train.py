@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -343,6 +344,53 @@ def adjacent_pairs(blocks_per_side: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(across + down, dtype=torch.long), torch.tensor([False] * len(across) + [True] * len(down))
 
 
+class Batch(NamedTuple):
+    """One training step's draw: which block of which image each row denoises, and what it is
+    conditioned on. The rows of an image are consecutive (`group` of them)."""
+    idx: torch.Tensor                   # (m,) the image of each row
+    pos: torch.Tensor                   # (m,) its block position
+    group: int                          # rows per image: P (cross_block), 2 (seam loss) or 1
+    pick: torch.Tensor | None           # seam loss: which adjacent pair each image's two rows are
+    nb: torch.Tensor | None             # (m, k) the neighbour images each row is conditioned on
+    cond: torch.Tensor | None           # (m, k*C, s, s) their blocks at the row's position (zeros where dropped)
+    keep: torch.Tensor | None           # (m,) 0 where the conditioning is dropped
+
+
+def draw_batch(cfg: config.DenoiserConfig, k: int, latents: torch.Tensor, neighbours: torch.Tensor,
+               pairs: torch.Tensor, batch: int, g: torch.Generator) -> Batch:
+    """Draw a step's rows from `latents` (N, P, C, s, s) and the neighbour lists (N, window).
+
+    Rows that belong to one image (a cross_block image's P blocks, a seam-loss pair) share one
+    draw of k neighbours and one conditioning dropout, because at sampling time the blocks of an
+    image share them: a mixer or a seam loss trained on blocks that saw different neighbours
+    would learn to reconcile what sampling never asks it to."""
+    device = latents.device
+    n, positions, c, s, _ = latents.shape
+    group = positions if cfg.cross_block else 2 if cfg.seam_loss else 1
+    pick = None
+    if cfg.seam_loss:       # batch // 2 images, one adjacent pair of blocks each
+        idx = torch.randint(n, (batch // 2,), generator=g).repeat_interleave(2).to(device)
+        pick = torch.randint(len(pairs), (batch // 2,), generator=g)
+        pos = pairs[pick].reshape(-1).to(device)
+    elif cfg.cross_block:   # batch // P images, all their blocks: the mixer attends across them
+        idx = torch.randint(n, (batch // group,), generator=g).repeat_interleave(group).to(device)
+        pos = torch.arange(positions).repeat(batch // group).to(device)
+    else:
+        idx = torch.randint(n, (batch,), generator=g).to(device)
+        pos = torch.randint(positions, (batch,), generator=g).to(device)
+    if not k:
+        return Batch(idx, pos, group, pick, None, None, None)
+    # k of the `window` nearest, in rank order: the same rule as at sampling time
+    m = len(idx)
+    ranks = torch.rand(m // group, neighbours.shape[1], generator=g).argsort(1)[:, :k].sort(1).values
+    nb = neighbours[idx[:, None], ranks.repeat_interleave(group, 0).to(device)]     # (m, k)
+    cond = latents[nb, pos[:, None]].reshape(m, k * c, s, s)
+    if cfg.cond_noise:
+        cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(device)
+    keep = (torch.rand(m // group, generator=g) >= cfg.cond_drop).float().repeat_interleave(group).to(device)
+    return Batch(idx, pos, group, pick, nb, cond * keep[:, None, None, None], keep)
+
+
 def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighbours: np.ndarray,
                  preview: Callable[[denoiser.UNet, int], None] | None = None) -> None:
     """Train `net` (from its current weights) on `latents` (N, P, C, s, s) with the neighbour
@@ -360,8 +408,7 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
     start = ctx.restore("denoiser", modules, optimizers)
     model = ctx.wrap(net)
     diffusion = Diffusion(cfg.schedule, cfg.timesteps)
-    n, positions, c, s, _ = latents.shape
-    b = int(round(positions ** 0.5))
+    b = int(round(latents.shape[1] ** 0.5))
     batch = max(1, cfg.batch_size // ctx.world)
     pairs, vertical = adjacent_pairs(b)
 
@@ -370,31 +417,7 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
 
     for step in ctx.loop("denoiser", start, cfg.steps, save):
         g = ctx.generator("denoiser", step)
-        group = positions if cfg.cross_block else 2 if cfg.seam_loss else 1     # blocks per image
-        if cfg.seam_loss:       # batch // 2 images, one adjacent pair of blocks each
-            idx = torch.randint(n, (batch // 2,), generator=g).repeat_interleave(2).to(ctx.device)
-            pick = torch.randint(len(pairs), (batch // 2,), generator=g)
-            pos = pairs[pick].reshape(-1).to(ctx.device)
-        elif cfg.cross_block:   # batch // P images, all their blocks: the mixer attends across them
-            idx = torch.randint(n, (batch // group,), generator=g).repeat_interleave(group).to(ctx.device)
-            pos = torch.arange(positions).repeat(batch // group).to(ctx.device)
-        else:
-            idx = torch.randint(n, (batch,), generator=g).to(ctx.device)
-            pos = torch.randint(positions, (batch,), generator=g).to(ctx.device)
-        cond, nb, keep = None, None, None
-        if net.k:
-            # k of the `window` nearest, in rank order: the same rule as at sampling time, where
-            # the blocks of an image share them (so do a cross_block batch's)
-            m = len(idx)
-            shared = group if cfg.cross_block else 1
-            ranks = torch.rand(m // shared, neighbours.shape[1], generator=g).argsort(1)[:, :net.k].sort(1).values
-            nb = neighbours[idx[:, None], ranks.repeat_interleave(shared, 0).to(ctx.device)]     # (m, k)
-            cond = latents[nb, pos[:, None]].reshape(m, net.k * c, s, s)
-            if cfg.cond_noise:
-                cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(ctx.device)
-            keep = (torch.rand(m // shared, generator=g) >= cfg.cond_drop).float().repeat_interleave(shared)
-            keep = keep.to(ctx.device)
-            cond = cond * keep[:, None, None, None]
+        idx, pos, group, pick, nb, cond, keep = draw_batch(cfg, net.k, latents, neighbours, pairs, batch, g)
         first = slice(None, None, group)        # one row per image
         own_estimate = None
         if cfg.self_condition:  # half the images get the net's own estimate, as sampling will
@@ -416,8 +439,8 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
             loss = denoiser.epsilon_loss(model, x_t, t.float(), pos, cond, noise, window)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(cfg, step)
+        for param_group in opt.param_groups:
+            param_group["lr"] = learning_rate(cfg, step)
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))     # warm-up: EMA tracks early weights

@@ -76,3 +76,27 @@ def test_export_refuses_a_cross_block_run(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(UsageError, match="denoiser.cross_block, a toolchain ablation"):
         exporter._check_inputs(tmp_path, tmp_path / "out.rissole", "int8", "x86", 32, 2.0)
+
+
+@pytest.mark.parametrize("switches,group", [({"cross_block": True}, P), ({"seam_loss": 0.25}, 2), ({}, 1)])
+def test_the_rows_of_one_image_share_its_neighbours_and_dropout_as_at_sampling(switches, group):
+    """A training batch holds whole images (cross_block) or adjacent pairs (seam loss); their rows
+    must be conditioned on one draw of k neighbours, kept or dropped together."""
+    cfg = config.resolve("tiny", {"denoiser": {"batch_size": 48, "cond_drop": 0.5, **switches}}).denoiser
+    g = torch.Generator().manual_seed(3)
+    latents = torch.randn(30, P, C, S, S, generator=g)
+    neighbours = torch.stack([torch.randperm(30, generator=g)[:8] for _ in range(30)])
+    pairs, _ = train.adjacent_pairs(B)
+    idx, pos, got, pick, nb, cond, keep = train.draw_batch(cfg, 2, latents, neighbours, pairs, 48, g)
+    assert got == group and len(idx) == 48
+    rows = lambda v: v.reshape(48 // group, group, *v.shape[1:])    # noqa: E731  (one image per row)
+    for v in (idx, nb, keep):
+        assert torch.equal(rows(v), rows(v)[:, :1].expand_as(rows(v)))
+    if group == P:
+        assert torch.equal(rows(pos), torch.arange(P).expand(48 // P, P))
+    assert 0 < keep.mean() < 1 and len(set(keep[::group].tolist())) == 2        # some images kept, some dropped
+    assert all(set(nb[r].tolist()) <= set(neighbours[idx[r]].tolist()) for r in range(48))
+    expected = latents[nb, pos[:, None]].reshape(48, -1, S, S) * keep[:, None, None, None]
+    assert torch.equal(cond, expected)
+    if group == 1:      # independent rows: not every image's rows agree by chance
+        assert len({tuple(r.tolist()) for r in nb}) > 1
