@@ -90,7 +90,8 @@ class TeacherEps:
     """The teacher's (guided) epsilon with onnxruntime: both guidance halves in one call. A
     border-conditioned teacher (`border` w > 0, `blocks_per_side` B) is called on whole images,
     P = B*B rows each in position order, and gets each row's window of its image's x, as the
-    runtime gives it (`rissole_edge.blocks.windows`)."""
+    runtime gives it (`rissole_edge.blocks.windows`); so is a cross-block teacher (the caller
+    gives it whole images)."""
 
     def __init__(self, model: bytes, guidance: float, threads: int, border: int = 0, blocks_per_side: int = 1):
         options = ort.SessionOptions()
@@ -278,9 +279,10 @@ def _train(ctx: Context, t: teachers.Teacher, s: Settings) -> torch.nn.Module:
     alpha_bar = alphas_cumprod(cfg.denoiser.schedule, cfg.denoiser.timesteps)
     starts, sub = grid(alpha_bar, s.steps, s.teacher_steps)
     eps_fn = TeacherEps(t.model, s.guidance, torch.get_num_threads(), student.border, cfg.denoiser.blocks_per_side)
-    # A border-conditioned pair learns on whole images (all P blocks, one interval and one draw
-    # of neighbours each, as the runtime samples them): the teacher's sub-steps need every block.
-    together = positions if student.border else 1
+    # A border-conditioned or cross-block pair learns on whole images (all P blocks, one interval
+    # and one draw of neighbours each, as the runtime samples them): the teacher's sub-steps need
+    # every block.
+    together = positions if student.border or student.mixer is not None else 1
     neighbours = torch.from_numpy(np.asarray(t.neighbours, dtype=np.int64))
     k = student.k
     a_start = torch.from_numpy(np.sqrt(alpha_of(alpha_bar, starts))).float()
@@ -408,6 +410,9 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     manifest.update(fields or {}, name=out.stem, tool_version=rissole_edge.__version__,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest["denoiser"] = {**manifest.get("denoiser", {}), "border": net.border}
+    manifest["denoiser"].pop("cross_block", None)
+    if net.mixer is not None:
+        manifest["denoiser"]["cross_block"] = True
     if fields:
         manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),
                                      teacher_sha256=hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest())

@@ -41,9 +41,8 @@ def _check_inputs(run: Path, out: Path, mode: str, target: str, calibration: int
     if not (run / "config.json").exists():
         raise UsageError(f"{run} is not a training run (no config.json)")
     cfg = config.load(run / "config.json")
-    ablation = [name for name in ("self_condition", "cross_block") if getattr(cfg.denoiser, name)]
-    if ablation:
-        raise UsageError(f"the run's denoiser uses denoiser.{ablation[0]}, a toolchain ablation that bundles "
+    if cfg.denoiser.self_condition:
+        raise UsageError("the run's denoiser uses denoiser.self_condition, a toolchain ablation that bundles "
                          "cannot carry yet: measure it with 'rissole-edge evaluate RUN'")
     for stage in STAGES:
         if not stage_complete(run, stage, cfg):
@@ -164,7 +163,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
                    "side": m.net.block_size},
         "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, **db_meta},
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema",
-                     "border": m.net.border},
+                     "border": m.net.border, **({"cross_block": True} if m.net.mixer is not None else {})},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
         "sampling": distilled["sampling"] if distilled else recommended,

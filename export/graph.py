@@ -24,25 +24,40 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from rissole_edge.bundle import Bundle
+from rissole_edge.bundle import ROWS_PER_ITEM, Bundle
 
 from . import pack
 
 Shapes = dict[str, tuple[int, ...]]
 
+# A graph whose rows only make sense together (a denoiser with attention across blocks takes
+# whole images, P rows each) says so in its metadata, ROWS_PER_ITEM (onnx_export.denoiser sets
+# it, the runtime checks it). Feeds built here hold whole items of that many rows.
+
+
+def rows_per_item(model: onnx.ModelProto) -> int:
+    """Rows one item of the graph holds (1 unless the graph says otherwise)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return int(props.get(ROWS_PER_ITEM, 1))
+
 
 # ------------------------------------------------------------------ shapes and MACs
 
 def _zero_feeds(model: onnx.ModelProto, batch: int) -> dict[str, np.ndarray]:
-    """Zeros of every graph input's declared type, with free axes set to `batch`."""
+    """Zeros of every graph input's declared type, with free axes set to `batch` items' rows.
+    Integer inputs (block positions) count 0, 1, ... within an item: a valid position for
+    every row, and the order a graph that mixes an item's rows expects."""
     initializers = {i.name for i in model.graph.initializer}
+    rows = rows_per_item(model)
     feeds = {}
     for value in model.graph.input:
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        dims = [d.dim_value if d.dim_value > 0 else batch for d in tensor.shape.dim]
+        dims = [d.dim_value if d.dim_value > 0 else batch * rows for d in tensor.shape.dim]
         feeds[value.name] = np.zeros(dims, helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+        if feeds[value.name].dtype.kind == "i" and rows > 1:
+            feeds[value.name] = np.resize(np.arange(rows, dtype=feeds[value.name].dtype), dims)
     return feeds
 
 
@@ -72,9 +87,9 @@ def value_shapes(model: bytes) -> Shapes:
 
 
 def activation_bytes(model: bytes) -> int:
-    """Bytes of every value one batch item makes the graph compute, inputs and outputs included,
-    weights not: an upper bound on what one more item in a call costs (the memory planner's
-    unit, `memory.block_bytes`). Counted from one run, like `value_shapes`: ONNX shape inference
+    """Bytes of every value one row makes the graph compute, inputs and outputs included,
+    weights not: an upper bound on what one more row in a call costs (the memory planner's
+    unit, `memory.block_bytes`; an item of several rows counts its share per row). Counted from one run, like `value_shapes`: ONNX shape inference
     loses the shapes after the GroupNorm reshapes and counted 221 KB of the fashion denoiser's
     583 KB."""
     proto, values = _all_values(model)
@@ -82,7 +97,7 @@ def activation_bytes(model: bytes) -> int:
     for node in proto.graph.node:             # topological order: skip what only weights make
         if any(i in per_item for i in node.input):
             per_item.update(node.output)
-    return sum(v.nbytes for name, v in values.items() if name in per_item)
+    return -(-sum(v.nbytes for name, v in values.items() if name in per_item) // rows_per_item(proto))
 
 
 def _weight_dims(graph: onnx.GraphProto, name: str) -> tuple[int, ...] | None:
@@ -97,10 +112,12 @@ def _weight_dims(graph: onnx.GraphProto, name: str) -> tuple[int, ...] | None:
 
 
 def node_macs(model: bytes, shapes: Shapes | None = None) -> dict[str, int]:
-    """Multiply-accumulates per batch item of every Conv, Gemm and MatMul node (by node name):
-    output elements times the inputs each one sums over (weight elements per output channel)."""
+    """Multiply-accumulates per row (per block) of every Conv, Gemm and MatMul node (by node
+    name): output elements times the inputs each one sums over (weight elements per output
+    channel); an item of several rows counts its share per row."""
     shapes = shapes or value_shapes(model)
-    graph = onnx.load_from_string(model).graph
+    proto = onnx.load_from_string(model)
+    graph, rows = proto.graph, rows_per_item(proto)
     macs = {}
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
@@ -113,7 +130,7 @@ def node_macs(model: bytes, shapes: Shapes | None = None) -> dict[str, int]:
             a = shapes[node.input[0]]
             transposed = node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute)
             per_output = a[-2] if transposed else a[-1]
-        macs[node.name] = int(np.prod(out)) * per_output
+        macs[node.name] = -(-int(np.prod(out)) * per_output // rows)
     return macs
 
 
@@ -446,7 +463,7 @@ def rewrite(model: bytes, names: tuple[str, ...] | list[str] = DEFAULT_REWRITES)
 
 
 def _random_feeds(model: bytes, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random float inputs (integer inputs, the block positions, stay 0: always valid)."""
+    """Random float inputs (integer inputs, the block positions, stay as `_zero_feeds` sets them: valid)."""
     rng = np.random.default_rng(seed)
     feeds = _zero_feeds(onnx.load_from_string(model), batch)
     return {k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind == "f" else v

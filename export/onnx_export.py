@@ -3,6 +3,9 @@
 Names fixed here are the runtime's contract:
   denoiser: x (N,C,s,s) f32, t (N,) f32, pos (N,) i64, [cond (N,k*C,s,s) f32],
             [window (N,C,s+2w,s+2w) f32, when border-conditioned (manifest denoiser.border = w)] -> eps
+            With attention across blocks (manifest denoiser.cross_block) N is a multiple of P
+            and the rows are whole images, blocks in position order; the graph's metadata
+            `ROWS_PER_ITEM` says how many rows make one item (P), for graph.py's counts.
   decoder:  latent (N,C,H,W) f32, scaled as the denoiser sees it -> image (N,c,S,S) in [-1, 1]
   encoder:  image (N,c,S,S) in [-1, 1] -> latent (N,C,H,W) snapped to codes (unscaled), codes (N,H,W) i64
 """
@@ -15,6 +18,8 @@ import warnings
 import onnx
 import torch
 from torch import nn
+
+from rissole_edge.bundle import ROWS_PER_ITEM
 
 from .autoencoder import VQAutoencoder
 from .denoiser import UNet
@@ -52,7 +57,7 @@ class _Encoder(nn.Module):
         return self.ae.encode(image)
 
 
-def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str]) -> bytes:
+def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], rows_per_item: int = 1) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")       # the TorchScript exporter's deprecation notice
@@ -60,21 +65,27 @@ def _export(module: nn.Module, args: tuple, inputs: list[str], outputs: list[str
                           input_names=inputs, output_names=outputs,
                           dynamic_axes={name: {0: "batch"} for name in inputs + outputs})
     model = onnx.load_from_string(buf.getvalue())
+    if rows_per_item > 1:
+        onnx.helper.set_model_props(model, {ROWS_PER_ITEM: str(rows_per_item)})
     onnx.checker.check_model(model, full_check=True)
-    return buf.getvalue()
+    return model.SerializeToString()
 
 
 def denoiser(net: UNet) -> bytes:
+    """Traced on two items: two blocks, or two whole images when the blocks attend to each other."""
     c, s, w = net.latent_channels, net.block_size, net.block_size + 2 * net.border
-    args = (torch.randn(2, c, s, s), torch.tensor([10.0, 500.0]), torch.tensor([0, net.positions - 1]))
+    rows = net.positions if net.mixer is not None else 1
+    pos = torch.tensor([0, net.positions - 1]) if rows == 1 else torch.arange(rows).repeat(2)
+    n = len(pos)
+    args = (torch.randn(n, c, s, s), torch.linspace(10.0, 500.0, n), pos)
     inputs = ["x", "t", "pos"]
     if net.k:
-        args += (torch.randn(2, net.k * c, s, s),)
+        args += (torch.randn(n, net.k * c, s, s),)
         inputs.append("cond")
     if net.border:
-        args += (torch.randn(2, net.border_in.in_channels, w, w),)     # 2C with self-conditioning
+        args += (torch.randn(n, net.border_in.in_channels, w, w),)     # 2C with self-conditioning
         inputs.append("window")
-    return _export(_Denoiser(net, inputs), args, inputs, ["eps"])
+    return _export(_Denoiser(net, inputs), args, inputs, ["eps"], rows)
 
 
 def decoder(ae: VQAutoencoder, scale: float, latent_side: int) -> bytes:

@@ -123,6 +123,7 @@ def from_bundle(path: Path, cfg: config.RunConfig) -> Teacher:
               ("denoiser.schedule", spec.schedule, cfg.denoiser.schedule),
               ("denoiser.timesteps", spec.timesteps, cfg.denoiser.timesteps),
               ("denoiser.border", spec.border, cfg.denoiser.border),
+              ("denoiser.cross_block", spec.cross_block, cfg.denoiser.cross_block),
               ("database.window", spec.window, cfg.database.window if spec.k else 0)]
     for name, got, want in checks:
         if got != want:

@@ -211,6 +211,9 @@ def _optional(manifest: dict, path: str, kind: type, default: Any, low: float | 
 
 
 MAX_GUIDANCE = 20.0
+# ONNX metadata key of a denoiser whose rows only make sense together: with attention across
+# blocks (manifest denoiser.cross_block) every item is a whole image of P rows.
+ROWS_PER_ITEM = "rissole.rows_per_item"
 
 
 def check_guidance(guidance: float, name: str = "guidance") -> None:
@@ -254,6 +257,7 @@ class Spec:
     steps: int
     distilled_steps: int         # a distilled student's step count, the only one it runs (0: not distilled)
     border: int = 0              # w > 0: the denoiser also takes each block's window of its image's x_t (`window`)
+    cross_block: bool = False    # the blocks of an image attend to each other inside the denoiser: whole images per call
 
     @property
     def positions(self) -> int:
@@ -274,9 +278,10 @@ class Spec:
 
     @property
     def blocks_together(self) -> int:
-        """Blocks that must share a denoiser call: all P of an image when each block's window is
-        cut from its neighbours' current x_t (border > 0), else 1."""
-        return self.positions if self.border else 1
+        """Blocks that must share a denoiser call: all P of an image, in position order, when each
+        block's window is cut from its neighbours' current x_t (border > 0) or when the blocks
+        attend to each other inside the graph (cross_block); else 1."""
+        return self.positions if self.border or self.cross_block else 1
 
     @classmethod
     def from_manifest(cls, m: dict) -> "Spec":
@@ -307,10 +312,13 @@ class Spec:
             steps=_optional(m, "sampling.steps", int, DEFAULT_STEPS, 1, 100000),
             distilled_steps=_optional(m, "sampling.distilled_steps", int, 0, 0, 100000),
             border=_optional(m, "denoiser.border", int, 0, 0, 1024),
+            cross_block=_optional(m, "denoiser.cross_block", bool, False),
         )
         if spec.border > spec.block_side or (spec.border and spec.blocks_per_side == 1):
             raise BundleError(f"bundle manifest field denoiser.border is {spec.border}: it must be 0, or at most "
                               f"the block side ({spec.block_side}) with more than one block per side")
+        if spec.cross_block and spec.blocks_per_side == 1:
+            raise BundleError("bundle manifest field denoiser.cross_block is true for a model with one block")
         if spec.distilled_steps and (spec.steps, spec.sampler) != (spec.distilled_steps, "ddim"):
             raise BundleError(f"bundle manifest field sampling.distilled_steps ({spec.distilled_steps}) "
                               f"disagrees with sampling.steps/sampler ({spec.steps} {spec.sampler})")

@@ -347,7 +347,8 @@ def info(
         f"  denoiser    {m.get('denoiser', {}).get('kind')}, {m.get('parameters', {}).get('denoiser')} parameters, "
         f"{q.get('mode')} {q.get('target', '')}"
         + (f", border {spec.border} (each block sees the {spec.border} latent rows/columns of its neighbours "
-           "that touch it)" if spec.border else ""),
+           "that touch it)" if spec.border else "")
+        + (", attention across the blocks of an image" if spec.cross_block else ""),
         f"  database    {spec.images} images, k={spec.k} of the nearest {spec.window}, key {spec.key} "
         f"({spec.key_dim}-d), ef={spec.ef}",
         f"  sampling    {spec.sampler}, {spec.steps} steps, guidance {spec.guidance:g} by default"

@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from . import blocks, budget, rng, sampler, shipped, workers
 from .preview import Preview, PreviewFn, default_every
-from .bundle import Bundle, BundleError, Spec, check_guidance
+from .bundle import ROWS_PER_ITEM, Bundle, BundleError, Spec, check_guidance
 from .errors import UsageError
 from .images import fit, from_uint8, to_pil, to_uint8
 from .retrieval import Database
@@ -83,6 +83,10 @@ class Generator:
         if bool(spec.border) != ("window" in self._denoiser_inputs):
             raise BundleError(f"the bundle's denoiser {'takes' if spec.border == 0 else 'takes no'} window input, "
                               f"but the manifest says denoiser.border = {spec.border}")
+        rows = self.denoiser.get_modelmeta().custom_metadata_map.get(ROWS_PER_ITEM, "1")
+        if rows != str(spec.positions if spec.cross_block else 1):
+            raise BundleError(f"the bundle's denoiser takes {rows} rows per item, but the manifest says "
+                              f"denoiser.cross_block = {str(spec.cross_block).lower()} for {spec.positions} blocks")
         c, s, z, w = spec.latent_channels, spec.block_side, spec.latent_side, spec.window_side
         _check_signature(self.denoiser, "denoiser", {"x": (None, c, s, s), "cond": (None, spec.k * c, s, s),
                                                      "window": (None, c, w, w), "eps": (None, c, s, s)})

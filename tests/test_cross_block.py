@@ -1,17 +1,27 @@
 """Attention across the blocks of an image (denoiser.cross_block): the blocks of one image
 compute together at the bottleneck, so a block's prediction depends on its image's other
-blocks; images stay independent of each other, in training batches and in sampling."""
+blocks; images stay independent of each other, in training batches and in sampling. Bundles
+carry it (manifest denoiser.cross_block): the runtime calls the graph on whole images.
 
-import json
+The bundle tests put a small random-weight cross-block denoiser into the shipped fashion-mnist
+bundle in memory (its database, decoder and geometry; no training), as test_border_bundle does."""
+
+import copy
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
-from rissole_edge.errors import UsageError
-from rissole_export import config, denoiser, exporter, train
+from rissole_edge import budget, shipped
+from rissole_edge.bundle import ROWS_PER_ITEM, Bundle, BundleError, Spec
+from rissole_edge.generator import Generator, Query
+from rissole_edge.images import to_uint8
+from rissole_export import checkpoint, config, denoiser, distill, exporter, graph, onnx_export, pack, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
+
+from conftest import cli
 
 B, C, S = 2, 4, 4                 # 2x2 blocks of 4x4 latent pixels, 4 channels
 P = B * B
@@ -71,13 +81,6 @@ def test_cross_block_is_refused_where_a_batch_cannot_hold_whole_images():
             config.resolve("tiny", {"denoiser": {"cross_block": True, "batch_size": 8, **bad}})
 
 
-def test_export_refuses_a_cross_block_run(tmp_path):
-    cfg = config.resolve("tiny", {"denoiser": {"cross_block": True, "batch_size": 8}})
-    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
-    with pytest.raises(UsageError, match="denoiser.cross_block, a toolchain ablation"):
-        exporter._check_inputs(tmp_path, tmp_path / "out.rissole", "int8", "x86", 32, 2.0)
-
-
 @pytest.mark.parametrize("switches,group", [({"cross_block": True}, P), ({"seam_loss": 0.25}, 2), ({}, 1)])
 def test_the_rows_of_one_image_share_its_neighbours_and_dropout_as_at_sampling(switches, group):
     """A training batch holds whole images (cross_block) or adjacent pairs (seam loss); their rows
@@ -100,3 +103,125 @@ def test_the_rows_of_one_image_share_its_neighbours_and_dropout_as_at_sampling(s
     assert torch.equal(cond, expected)
     if group == 1:      # independent rows: not every image's rows agree by chance
         assert len({tuple(r.tolist()) for r in nb}) > 1
+
+
+# ---------------------------------------------------------------- bundles
+
+@pytest.fixture(scope="module")
+def base() -> tuple[dict, dict[str, bytes]]:
+    return pack.contents(Bundle.open(shipped.resolve("fashion-mnist")))
+
+
+def _bundle_net(spec: Spec, cross: bool = True) -> denoiser.UNet:
+    torch.manual_seed(0)
+    cfg = config.resolve("tiny", {"denoiser": {"cross_block": cross, "batch_size": 8}}).denoiser
+    net = denoiser.build(cfg, spec.latent_channels, spec.latent_side)
+    for p in net.parameters():          # the output conv and the mixer's projection start at zero
+        torch.nn.init.normal_(p, std=0.05)
+    return net.eval()
+
+
+def _with_denoiser(base: tuple[dict, dict[str, bytes]], model: bytes, cross: bool) -> Bundle:
+    manifest, members = copy.deepcopy(base[0]), dict(base[1])
+    manifest["denoiser"]["cross_block"] = cross
+    return Bundle.in_memory(manifest, {**members, "denoiser.onnx": model})
+
+
+@pytest.fixture(scope="module")
+def crossed(base) -> tuple[Bundle, denoiser.UNet]:
+    net = _bundle_net(Spec.from_manifest(base[0]))
+    return _with_denoiser(base, onnx_export.denoiser(net), True), net
+
+
+def test_the_exported_graph_takes_whole_images_and_counts_the_mixer_per_block(base):
+    """The graph says how many rows make an item (P); graph.py's per-block counts give the mixer's
+    attention its share: 4Tc^2 (projections) + 2T^2c (scores, mix) per image of T tokens."""
+    spec = Spec.from_manifest(base[0])
+    cross, plain = _bundle_net(spec), _bundle_net(spec, cross=False)
+    model = onnx_export.denoiser(cross)
+    props = {p.key: p.value for p in onnx.load_from_string(model).metadata_props}
+    assert props[ROWS_PER_ITEM] == str(spec.positions)
+    tokens, c = cross.mixer.where.shape
+    extra = sum(graph.node_macs(model).values()) - sum(graph.node_macs(onnx_export.denoiser(plain)).values())
+    assert extra == (4 * tokens * c * c + 2 * tokens * tokens * c) // spec.positions
+    assert graph.activation_bytes(model) > graph.activation_bytes(onnx_export.denoiser(plain))
+
+
+def test_the_runtime_samples_what_the_torch_sampler_does(crossed):
+    """Same network (fp32), noise and neighbours: the runtime's whole-image calls, guided (two
+    halves of whole images), give the torch sampler's images."""
+    bundle, net = crossed
+    entries, seed = [3, 11, 3], 5
+    with Generator.open(bundle, threads=1) as gen:
+        spec = gen.spec
+        assert spec.cross_block and spec.blocks_together == spec.positions
+        got = np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=3, sampler_name="ddim", guidance=2.0,
+                                           query=Query(entry=q), as_array=True) for i, q in enumerate(entries)])
+        neighbours = np.zeros((spec.images, spec.window), np.int64)
+        for q in set(entries):
+            neighbours[q] = gen.db.entry_candidates(q)
+        latents = torch.from_numpy(gen.db.blocks(np.arange(spec.images)))
+        with torch.no_grad():
+            z = generate_latents(net, latents, neighbours, Diffusion(spec.schedule, spec.timesteps), entries, seed,
+                                 3, "ddim", 2.0)
+        want = to_uint8(gen.decoder.run(["image"], {"latent": z.astype(np.float32)})[0])
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1       # float rounding, ORT vs torch
+    assert not np.array_equal(got[0], got[1])
+
+
+def test_an_image_is_the_same_alone_in_a_batch_and_on_two_threads(crossed):
+    bundle, _ = crossed
+    with Generator.open(bundle, threads=1) as one, Generator.open(bundle, threads=2) as two:
+        batch = one.generate(5, seed=9, steps=4, guidance=2.0, as_array=True)
+        alone = one.generate(1, seed=9, steps=4, guidance=2.0, first_index=3, as_array=True)
+        assert np.array_equal(batch[3], alone[0])
+        assert np.array_equal(two.generate(5, seed=9, steps=4, guidance=2.0, as_array=True), batch)
+
+
+def test_a_manifest_that_disagrees_with_the_graph_is_refused_in_one_line(base, crossed):
+    spec = Spec.from_manifest(base[0])
+    plain = onnx_export.denoiser(_bundle_net(spec, cross=False))
+    for model, cross, says in ((crossed[0].read("denoiser.onnx"), False, "false"), (plain, True, "true")):
+        with pytest.raises(BundleError, match=f"denoiser.cross_block = {says}") as e:
+            Generator.open(_with_denoiser(base, model, cross))
+        assert "\n" not in str(e.value)
+    manifest = copy.deepcopy(base[0])
+    for bad in ("yes", 1):
+        manifest["denoiser"]["cross_block"] = bad
+        with pytest.raises(BundleError, match="denoiser.cross_block"):
+            Spec.from_manifest(manifest)
+    manifest["denoiser"]["cross_block"] = True
+    manifest["blocks"] = {"per_side": 1, "side": spec.latent_side}
+    with pytest.raises(BundleError, match="denoiser.cross_block is true for a model with one block"):
+        Spec.from_manifest(manifest)
+
+
+def test_a_cross_block_fine_tune_of_a_bundle_exports_over_it_in_int8(base, tmp_path):
+    """The export route a trained cross-block denoiser takes: int8 calibration on whole images,
+    the exact graph rewrites, and a bundle the runtime and `info` read."""
+    spec = Spec.from_manifest(base[0])
+    cfg = config.resolve("tiny", {"denoiser": {"cross_block": True, "batch_size": 8}})
+    net = _bundle_net(spec)
+    config.save(cfg, tmp_path / "config.json")
+    checkpoint.save(tmp_path / "denoiser.safetensors", 1, {"model": net, "ema": copy.deepcopy(net)}, {})
+    (tmp_path / distill.TEACHER_BUNDLE).write_bytes(shipped.resolve("fashion-mnist").read_bytes())
+    out = tmp_path / "tuned.rissole"
+    manifest = exporter.export(tmp_path, out, mode="int8", calibration_samples=2, log=lambda *a: None)
+    assert manifest["denoiser"]["cross_block"] is True and manifest["denoiser"]["border"] == 0
+    assert "static-reshapes" in manifest["graph"]["denoiser_rewrites"]
+    assert manifest["parity"]["int8_vs_fp32_psnr_mean"] > 25
+    with Generator.open(out, threads=1) as gen:
+        assert gen.generate(2, seed=1, steps=2, as_array=True).shape[0] == 2
+    assert "attention across the blocks of an image" in cli("info", str(out), check=True).stdout
+
+
+def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(crossed, monkeypatch):
+    """The tightest plan still calls the graph on a whole image, never on part of one."""
+    bundle, _ = crossed
+    monkeypatch.setattr(budget, "rss", lambda: (0, 0))     # plan from the model of the bytes, not this process
+    with Generator.open(bundle, threads=1) as free:
+        want = free.generate(3, seed=2, steps=3, as_array=True)
+        tight = budget.minimum(free.spec, budget.fixed(bundle))
+    with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
+        assert gen.plan.blocks_per_call == gen.spec.positions
+        assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
