@@ -87,5 +87,16 @@ class BlockMixer(nn.Module):
         p = self.positions
         tokens = self.norm(h).reshape(n // p, p, c, hh * ww).permute(0, 1, 3, 2).reshape(n // p, p * hh * ww, c)
         tokens = tokens + self.where
-        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
-        return h + mixed.reshape(n // p, p, hh * ww, c).permute(0, 1, 3, 2).reshape(n, c, hh, ww)
+        return h + self._attend(tokens).reshape(n // p, p, hh * ww, c).permute(0, 1, 3, 2).reshape(n, c, hh, ww)
+
+    def _attend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What `self.attn(tokens, tokens, tokens)` computes, written out with its weights: under
+        no_grad nn.MultiheadAttention takes a fused kernel that the ONNX exporter cannot export."""
+        a = self.attn
+        b, t, c = tokens.shape
+        heads = a.num_heads
+        q, k, v = F.linear(tokens, a.in_proj_weight, a.in_proj_bias).reshape(b, t, 3, heads, c // heads) \
+            .permute(2, 0, 3, 1, 4)                                              # 3 x (b, heads, t, d)
+        weights = torch.softmax(q @ k.transpose(-1, -2) * (c // heads) ** -0.5, dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(b, t, c)
+        return a.out_proj(mixed)

@@ -123,7 +123,6 @@ def from_bundle(path: Path, cfg: config.RunConfig) -> Teacher:
               ("denoiser.schedule", spec.schedule, cfg.denoiser.schedule),
               ("denoiser.timesteps", spec.timesteps, cfg.denoiser.timesteps),
               ("denoiser.border", spec.border, cfg.denoiser.border),
-              ("denoiser.cross_block", spec.cross_block, cfg.denoiser.cross_block),
               ("database.window", spec.window, cfg.database.window if spec.k else 0)]
     for name, got, want in checks:
         if got != want:
@@ -131,6 +130,9 @@ def from_bundle(path: Path, cfg: config.RunConfig) -> Teacher:
                             "pass the --preset/--config it was trained with")
     if m.get("sampling", {}).get("distilled_steps"):
         raise DataError(f"{path} is already distilled: distil its teacher instead")
+    if spec.cross_block:      # onnx_weights has no map back from the traced attention's MatMuls
+        raise DataError(f"{path} has attention across blocks, whose teacher cannot be rebuilt from a bundle yet: "
+                        "distil its training run instead (rissole-edge distill RUN)")
     net = load_onnx_denoiser(bundle.read("denoiser.onnx"), cfg, spec)
     db = Database(bundle, spec)
     latents = torch.from_numpy(db.blocks(np.arange(spec.images)).copy())

@@ -21,7 +21,7 @@ from rissole_export import checkpoint, config, denoiser, distill, exporter, grap
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
-from conftest import cli
+from conftest import SAMPLE, cli
 
 B, C, S = 2, 4, 4                 # 2x2 blocks of 4x4 latent pixels, 4 channels
 P = B * B
@@ -51,6 +51,17 @@ def test_a_fresh_mixer_is_the_identity():
     assert not unexpected and missing and all(name.startswith("mixer.") for name in missing)
     x, t, pos, cond = _inputs(2, plain.k)
     assert torch.allclose(plain(x, t, pos, cond), mixed(x, t, pos, cond), atol=1e-6)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_written_out_attention_is_nn_multihead_attention(grad):
+    """The mixer keeps nn.MultiheadAttention's weights (and checkpoint names) but computes with
+    them itself: under no_grad the module takes a fused kernel the ONNX exporter cannot export."""
+    mixer = _net().mixer
+    tokens = torch.randn(3, mixer.where.shape[0], mixer.where.shape[1], generator=torch.Generator().manual_seed(2))
+    with torch.set_grad_enabled(grad):
+        want, _ = mixer.attn(tokens, tokens, tokens, need_weights=False)
+        assert torch.allclose(mixer._attend(tokens), want, atol=1e-5)
 
 
 @pytest.mark.parametrize("cross", [True, False])
@@ -225,3 +236,30 @@ def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(cross
     with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
         assert gen.plan.blocks_per_call == gen.spec.positions
         assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
+
+
+# ---------------------------------------------------------------- trained: train -> distil -> export -> runtime
+
+def test_a_cross_block_run_distils_into_a_student_that_exports_and_generates(tiny_run, tiny_config, tmp_path):
+    """The tiny run's autoencoder and database, a cross-block denoiser trained on them, a 2-step
+    student of it (trained on whole images: the teacher's graph needs them), its int8 bundle.
+    Its teacher can't be rebuilt from a bundle (no weight map for the attention): one line."""
+    variant = tmp_path / "cross.toml"
+    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\ncross_block = true\nbatch_size = 16"))
+    run = tmp_path / "run"
+    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(variant),
+        "--reuse", str(tiny_run), check=True)
+    teacher_bundle = tmp_path / "teacher.rissole"
+    cli("export", str(run), "-o", str(teacher_bundle), "--quantize", "fp32", "--calibration-samples", "2", check=True)
+    refused = cli("distill", str(teacher_bundle), "--steps", "2", "--out", str(tmp_path / "no"), "--preset", "tiny",
+                  "--config", str(variant))
+    assert refused.returncode != 0 and "distil its training run instead" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    student = tmp_path / "student"
+    distill.distill(run, 2, student, progress=False, train_steps=4, batch_size=8, checkpoint_every=2, teacher_steps=6)
+    out = tmp_path / "student.rissole"
+    cli("export", str(student), "-o", str(out), "--calibration-samples", "4", check=True)
+    assert Bundle.open(out).manifest["denoiser"]["cross_block"] is True
+    png = tmp_path / "png"
+    cli("generate", "-m", str(out), "-n", "3", "-o", str(png), check=True)
+    assert len(list(png.glob("*.png"))) == 3
