@@ -177,9 +177,9 @@ def _validate(cfg: RunConfig) -> None:
          "denoiser.border must be >= 0, and 0 for the whole-latent model (it has no adjacent blocks)"),
         (not dn.self_condition or dn.border > 0,
          "denoiser.self_condition needs denoiser.border > 0 (the estimate travels in the block's window)"),
-        (not dn.cross_block or (dn.kind != "whole" and dn.blocks_per_side > 1 and dn.seam_loss == 0
+        (not dn.cross_block or (dn.kind != "whole" and dn.blocks_per_side > 1
                                 and dn.batch_size % dn.blocks_per_side ** 2 == 0),
-         "denoiser.cross_block needs a block denoiser with blocks_per_side > 1, seam_loss 0 and a batch_size "
+         "denoiser.cross_block needs a block denoiser with blocks_per_side > 1 and a batch_size "
          "that is a multiple of blocks_per_side^2 (a batch holds every block of its images)"),
         (dn.seam_loss >= 0 and (dn.seam_loss == 0 or (dn.kind != "whole" and dn.blocks_per_side > 1)),
          "denoiser.seam_loss must be >= 0, and 0 without adjacent blocks (whole model, blocks_per_side 1)"),

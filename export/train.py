@@ -349,7 +349,7 @@ class Batch(NamedTuple):
     conditioned on. The rows of an image are consecutive (`group` of them)."""
     idx: torch.Tensor                   # (m,) the image of each row
     pos: torch.Tensor                   # (m,) its block position
-    group: int                          # rows per image: P (cross_block), 2 (seam loss) or 1
+    group: int                          # rows per image: P (cross_block), 2 (seam loss alone) or 1
     pick: torch.Tensor | None           # seam loss: which adjacent pair each image's two rows are
     nb: torch.Tensor | None             # (m, k) the neighbour images each row is conditioned on
     cond: torch.Tensor | None           # (m, k*C, s, s) their blocks at the row's position (zeros where dropped)
@@ -363,18 +363,19 @@ def draw_batch(cfg: config.DenoiserConfig, k: int, latents: torch.Tensor, neighb
     Rows that belong to one image (a cross_block image's P blocks, a seam-loss pair) share one
     draw of k neighbours and one conditioning dropout, because at sampling time the blocks of an
     image share them: a mixer or a seam loss trained on blocks that saw different neighbours
-    would learn to reconcile what sampling never asks it to."""
+    would learn to reconcile what sampling never asks it to. With both switches the batch holds
+    whole images and the seam loss takes every adjacent pair in them (`seam_term`)."""
     device = latents.device
     n, positions, c, s, _ = latents.shape
     group = positions if cfg.cross_block else 2 if cfg.seam_loss else 1
     pick = None
-    if cfg.seam_loss:       # batch // 2 images, one adjacent pair of blocks each
+    if cfg.cross_block:     # batch // P images, all their blocks: the mixer attends across them
+        idx = torch.randint(n, (batch // group,), generator=g).repeat_interleave(group).to(device)
+        pos = torch.arange(positions).repeat(batch // group).to(device)
+    elif cfg.seam_loss:     # batch // 2 images, one adjacent pair of blocks each
         idx = torch.randint(n, (batch // 2,), generator=g).repeat_interleave(2).to(device)
         pick = torch.randint(len(pairs), (batch // 2,), generator=g)
         pos = pairs[pick].reshape(-1).to(device)
-    elif cfg.cross_block:   # batch // P images, all their blocks: the mixer attends across them
-        idx = torch.randint(n, (batch // group,), generator=g).repeat_interleave(group).to(device)
-        pos = torch.arange(positions).repeat(batch // group).to(device)
     else:
         idx = torch.randint(n, (batch,), generator=g).to(device)
         pos = torch.randint(positions, (batch,), generator=g).to(device)
@@ -389,6 +390,18 @@ def draw_batch(cfg: config.DenoiserConfig, k: int, latents: torch.Tensor, neighb
         cond = cond + cfg.cond_noise * torch.randn(cond.shape, generator=g).to(device)
     keep = (torch.rand(m // group, generator=g) >= cfg.cond_drop).float().repeat_interleave(group).to(device)
     return Batch(idx, pos, group, pick, nb, cond * keep[:, None, None, None], keep)
+
+
+def seam_term(error: torch.Tensor, group: int, pick: torch.Tensor | None, pairs: torch.Tensor,
+              vertical: torch.Tensor) -> torch.Tensor:
+    """The seam loss of a batch's epsilon errors (rows grouped by image, as `draw_batch` makes
+    them): over each image's drawn pair (group 2), or over every adjacent pair of each whole
+    image (group P, position order), each pair weighing the same."""
+    if pick is not None:
+        return denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
+    images = error.reshape(-1, group, *error.shape[1:])
+    first, second = (images[:, pairs[:, j].to(error.device)].flatten(0, 1) for j in (0, 1))
+    return denoiser.seam_loss(first, second, vertical.repeat(len(images)).to(error.device))
 
 
 def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighbours: np.ndarray,
@@ -432,7 +445,7 @@ def fit_denoiser(ctx: Context, net: denoiser.UNet, latents: torch.Tensor, neighb
             error = model(x_t, t.float(), pos, cond, window) - noise
             loss = error.pow(2).mean()
             if cfg.seam_loss:
-                loss = loss + cfg.seam_loss * denoiser.seam_loss(error[0::2], error[1::2], vertical[pick])
+                loss = loss + cfg.seam_loss * seam_term(error, group, pick, pairs, vertical)
         else:
             t = torch.randint(cfg.timesteps, (batch,), generator=g).to(ctx.device)
             x_t, noise, window = noisy_batch(diffusion, latents[idx], pos, t, g, net.border, b, own_estimate)

@@ -87,12 +87,13 @@ def test_sampling_gives_an_image_alone_or_in_a_batch_alike():
 
 
 def test_cross_block_is_refused_where_a_batch_cannot_hold_whole_images():
-    for bad in ({"seam_loss": 0.25}, {"batch_size": 6}, {"kind": "whole"}, {"blocks_per_side": 1}):
+    for bad in ({"batch_size": 6}, {"kind": "whole"}, {"blocks_per_side": 1}):
         with pytest.raises(config.ConfigError, match="cross_block"):
             config.resolve("tiny", {"denoiser": {"cross_block": True, "batch_size": 8, **bad}})
 
 
-@pytest.mark.parametrize("switches,group", [({"cross_block": True}, P), ({"seam_loss": 0.25}, 2), ({}, 1)])
+@pytest.mark.parametrize("switches,group", [({"cross_block": True}, P), ({"cross_block": True, "seam_loss": 0.25}, P),
+                                            ({"seam_loss": 0.25}, 2), ({}, 1)])
 def test_the_rows_of_one_image_share_its_neighbours_and_dropout_as_at_sampling(switches, group):
     """A training batch holds whole images (cross_block) or adjacent pairs (seam loss); their rows
     must be conditioned on one draw of k neighbours, kept or dropped together."""

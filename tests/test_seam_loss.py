@@ -46,8 +46,23 @@ def test_both_blocks_of_a_pair_come_from_one_noisy_latent():
         assert (window is None) == (border == 0)
 
 
-def _fit(run, seam_loss: float) -> dict[str, torch.Tensor]:
-    cfg = config.resolve("tiny", {"denoiser": {"border": 1, "seam_loss": seam_loss, "steps": 3, "batch_size": 8}})
+def test_a_whole_image_batch_takes_every_adjacent_pair_of_every_image():
+    """With cross_block the batch holds whole images: the seam term is the mean over each
+    image's every adjacent pair (each weighing the same), as a loop over them computes it."""
+    pairs, vertical = train.adjacent_pairs(B)
+    error = torch.randn(3 * B * B, C, S, S, generator=torch.Generator().manual_seed(4))
+    want = torch.stack([denoiser.seam_loss(error[i * B * B + a][None], error[i * B * B + b][None], v[None])
+                        for i in range(3) for (a, b), v in zip(pairs.tolist(), vertical)]).mean()
+    assert torch.allclose(train.seam_term(error, B * B, None, pairs, vertical), want)
+    pick = torch.tensor([0, 3, 2])                  # pairs: one drawn pair per image, rows in pair order
+    rows = torch.randn(6, C, S, S)
+    assert torch.equal(train.seam_term(rows, 2, pick, pairs, vertical),
+                       denoiser.seam_loss(rows[0::2], rows[1::2], vertical[pick]))
+
+
+def _fit(run, seam_loss: float, cross_block: bool = False) -> dict[str, torch.Tensor]:
+    cfg = config.resolve("tiny", {"denoiser": {"border": 1, "seam_loss": seam_loss, "steps": 3, "batch_size": 8,
+                                               "cross_block": cross_block}})
     torch.manual_seed(0)
     net = denoiser.build(cfg.denoiser, C, B * S)
     for p in net.parameters():                      # the output conv starts at zero: no gradient to the rest
@@ -59,9 +74,11 @@ def _fit(run, seam_loss: float) -> dict[str, torch.Tensor]:
     return net.state_dict()
 
 
-def test_the_loss_is_off_by_default_and_changes_training_when_on(tmp_path):
+@pytest.mark.parametrize("cross_block", [False, True])
+def test_the_loss_is_off_by_default_and_changes_training_when_on(tmp_path, cross_block):
     assert config.resolve("tiny").denoiser.seam_loss == 0.0
-    off, off_again, on = (_fit(tmp_path / name, w) for name, w in (("off", 0.0), ("again", 0.0), ("on", 0.5)))
+    off, off_again, on = (_fit(tmp_path / name, w, cross_block)
+                          for name, w in (("off", 0.0), ("again", 0.0), ("on", 0.5)))
     assert all(torch.equal(off[k], off_again[k]) for k in off)
     assert any(not torch.equal(off[k], on[k]) for k in off)
 
