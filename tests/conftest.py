@@ -41,10 +41,11 @@ def cli(*args: str, check: bool = False, env: dict | None = None) -> subprocess.
     return proc
 
 
-def train_variant(tiny_run: Path, tiny_config: Path, out: Path, kind: str) -> Path:
-    """Train a denoiser of another kind on the tiny run's autoencoder and database (--reuse)."""
+def train_variant(tiny_run: Path, tiny_config: Path, out: Path, kind: str = "block", settings: str = "") -> Path:
+    """Train a denoiser of another kind, or with other [denoiser] `settings` (TOML lines), on the
+    tiny run's autoencoder and database (--reuse). Its config is `out`.toml beside `out`."""
     variant = out.parent / f"{out.name}.toml"
-    variant.write_text(tiny_config.read_text().replace("[denoiser]", f"[denoiser]\nkind = \"{kind}\""))
+    variant.write_text(tiny_config.read_text().replace("[denoiser]", f"[denoiser]\nkind = \"{kind}\"\n{settings}"))
     cli("train", str(SAMPLE), "--out", str(out), "--preset", "tiny", "--config", str(variant),
         "--reuse", str(tiny_run), check=True)
     return out

@@ -14,14 +14,13 @@ import pytest
 import torch
 
 from conftest import SAMPLE, cli
+from export_helpers import check_alone_batched_and_threaded, check_one_image_budget, runtime_and_torch_images
 from rissole_edge import budget, shipped
 from rissole_edge.bundle import Bundle, BundleError, Spec
 from rissole_edge.generator import Generator, Query
-from rissole_edge.images import to_uint8
 from rissole_export import (checkpoint, config, denoiser, distill, exporter, graph, onnx_export, pack, sampling,
                              teacher)
-from rissole_export.diffusion import Diffusion
-from rissole_export.sampling import RunModels, generate_latents
+from rissole_export.sampling import RunModels
 
 BASE = "fashion-mnist"
 
@@ -89,31 +88,13 @@ def test_a_manifest_that_disagrees_with_the_denoiser_s_inputs_is_refused(base, b
 def test_the_runtime_samples_what_the_torch_sampler_does(bordered):
     """Same network (fp32), noise and neighbours: the runtime's whole-image chunks and numpy
     window gather give the torch sampler's images (its windows: denoiser.windows)."""
-    bundle, net = bordered
-    entries, seed = [3, 11, 3], 5
-    with Generator.open(bundle, threads=1) as gen:
-        spec = gen.spec
-        got = np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=3, sampler_name="ddim", guidance=2.0,
-                                           query=Query(entry=q), as_array=True) for i, q in enumerate(entries)])
-        neighbours = np.zeros((spec.images, spec.window), np.int64)
-        for q in set(entries):
-            neighbours[q] = gen.db.entry_candidates(q)
-        latents = torch.from_numpy(gen.db.blocks(np.arange(spec.images)))
-        with torch.no_grad():
-            z = generate_latents(net, latents, neighbours, Diffusion(spec.schedule, spec.timesteps), entries, seed,
-                                 3, "ddim", 2.0)
-        want = to_uint8(gen.decoder.run(["image"], {"latent": z.astype(np.float32)})[0])
+    got, want = runtime_and_torch_images(*bordered, [3, 11, 3], seed=5)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1       # float rounding, ORT vs torch
     assert not np.array_equal(got[0], got[1])
 
 
 def test_an_image_is_the_same_alone_in_a_batch_and_on_two_threads(bordered):
-    bundle, _ = bordered
-    with Generator.open(bundle, threads=1) as one, Generator.open(bundle, threads=2) as two:
-        batch = one.generate(5, seed=9, steps=4, as_array=True)
-        alone = one.generate(1, seed=9, steps=4, first_index=3, as_array=True)
-        assert np.array_equal(batch[3], alone[0])
-        assert np.array_equal(two.generate(5, seed=9, steps=4, as_array=True), batch)
+    check_alone_batched_and_threaded(bordered[0], guidance=1.0)
 
 
 def test_the_planner_keeps_whole_images_in_flight(base, bordered):
@@ -141,14 +122,7 @@ def test_the_exporter_s_row_count_includes_the_window(base):
 
 
 def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(bordered, monkeypatch):
-    bundle, _ = bordered
-    monkeypatch.setattr(budget, "rss", lambda: (0, 0))     # plan from the model of the bytes, not this process
-    with Generator.open(bundle, threads=1) as free:
-        want = free.generate(3, seed=2, steps=3, as_array=True)
-        tight = budget.minimum(free.spec, budget.fixed(bundle))
-    with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
-        assert gen.plan.blocks_per_call == gen.spec.positions
-        assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
+    check_one_image_budget(bordered[0], monkeypatch)
 
 
 def test_a_border_fine_tune_of_a_bundle_exports_over_it(base, tmp_path):

@@ -13,15 +13,15 @@ import onnx
 import pytest
 import torch
 
-from rissole_edge import budget, shipped
+from rissole_edge import shipped
 from rissole_edge.bundle import ROWS_PER_ITEM, Bundle, BundleError, Spec
-from rissole_edge.generator import Generator, Query
-from rissole_edge.images import to_uint8
+from rissole_edge.generator import Generator
 from rissole_export import checkpoint, config, denoiser, distill, exporter, graph, onnx_export, pack, train
 from rissole_export.diffusion import Diffusion
 from rissole_export.sampling import generate_latents
 
-from conftest import SAMPLE, cli
+from conftest import cli, train_variant
+from export_helpers import check_alone_batched_and_threaded, check_one_image_budget, runtime_and_torch_images
 
 B, C, S = 2, 4, 4                 # 2x2 blocks of 4x4 latent pixels, 4 channels
 P = B * B
@@ -162,32 +162,16 @@ def test_the_exported_graph_takes_whole_images_and_counts_the_mixer_per_block(ba
 def test_the_runtime_samples_what_the_torch_sampler_does(crossed):
     """Same network (fp32), noise and neighbours: the runtime's whole-image calls, guided (two
     halves of whole images), give the torch sampler's images."""
-    bundle, net = crossed
-    entries, seed = [3, 11, 3], 5
-    with Generator.open(bundle, threads=1) as gen:
-        spec = gen.spec
-        assert spec.cross_block and spec.blocks_together == spec.positions
-        got = np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=3, sampler_name="ddim", guidance=2.0,
-                                           query=Query(entry=q), as_array=True) for i, q in enumerate(entries)])
-        neighbours = np.zeros((spec.images, spec.window), np.int64)
-        for q in set(entries):
-            neighbours[q] = gen.db.entry_candidates(q)
-        latents = torch.from_numpy(gen.db.blocks(np.arange(spec.images)))
-        with torch.no_grad():
-            z = generate_latents(net, latents, neighbours, Diffusion(spec.schedule, spec.timesteps), entries, seed,
-                                 3, "ddim", 2.0)
-        want = to_uint8(gen.decoder.run(["image"], {"latent": z.astype(np.float32)})[0])
+    bundle, _ = crossed
+    spec = Spec.from_manifest(bundle.manifest)
+    assert spec.cross_block and spec.blocks_together == spec.positions
+    got, want = runtime_and_torch_images(*crossed, [3, 11, 3], seed=5)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1       # float rounding, ORT vs torch
     assert not np.array_equal(got[0], got[1])
 
 
 def test_an_image_is_the_same_alone_in_a_batch_and_on_two_threads(crossed):
-    bundle, _ = crossed
-    with Generator.open(bundle, threads=1) as one, Generator.open(bundle, threads=2) as two:
-        batch = one.generate(5, seed=9, steps=4, guidance=2.0, as_array=True)
-        alone = one.generate(1, seed=9, steps=4, guidance=2.0, first_index=3, as_array=True)
-        assert np.array_equal(batch[3], alone[0])
-        assert np.array_equal(two.generate(5, seed=9, steps=4, guidance=2.0, as_array=True), batch)
+    check_alone_batched_and_threaded(crossed[0], guidance=2.0)
 
 
 def test_a_manifest_that_disagrees_with_the_graph_is_refused_in_one_line(base, crossed):
@@ -229,14 +213,7 @@ def test_a_cross_block_fine_tune_of_a_bundle_exports_over_it_in_int8(base, tmp_p
 
 def test_a_memory_budget_of_one_image_generates_what_an_unbounded_run_does(crossed, monkeypatch):
     """The tightest plan still calls the graph on a whole image, never on part of one."""
-    bundle, _ = crossed
-    monkeypatch.setattr(budget, "rss", lambda: (0, 0))     # plan from the model of the bytes, not this process
-    with Generator.open(bundle, threads=1) as free:
-        want = free.generate(3, seed=2, steps=3, as_array=True)
-        tight = budget.minimum(free.spec, budget.fixed(bundle))
-    with Generator.open(bundle, threads=1, memory_budget=tight) as gen:
-        assert gen.plan.blocks_per_call == gen.spec.positions
-        assert np.array_equal(gen.generate(3, seed=2, steps=3, as_array=True), want)
+    check_one_image_budget(crossed[0], monkeypatch)
 
 
 # ---------------------------------------------------------------- trained: train -> distil -> export -> runtime
@@ -245,11 +222,8 @@ def test_a_cross_block_run_distils_into_a_student_that_exports_and_generates(tin
     """The tiny run's autoencoder and database, a cross-block denoiser trained on them, a 2-step
     student of it (trained on whole images: the teacher's graph needs them), its int8 bundle.
     Its teacher can't be rebuilt from a bundle (no weight map for the attention): one line."""
-    variant = tmp_path / "cross.toml"
-    variant.write_text(tiny_config.read_text().replace("[denoiser]", "[denoiser]\ncross_block = true\nbatch_size = 16"))
-    run = tmp_path / "run"
-    cli("train", str(SAMPLE), "--out", str(run), "--preset", "tiny", "--config", str(variant),
-        "--reuse", str(tiny_run), check=True)
+    run = train_variant(tiny_run, tiny_config, tmp_path / "run", settings="cross_block = true\nbatch_size = 16")
+    variant = tmp_path / "run.toml"
     teacher_bundle = tmp_path / "teacher.rissole"
     cli("export", str(run), "-o", str(teacher_bundle), "--quantize", "fp32", "--calibration-samples", "2", check=True)
     refused = cli("distill", str(teacher_bundle), "--steps", "2", "--out", str(tmp_path / "no"), "--preset", "tiny",
