@@ -29,9 +29,11 @@ def bundle_with_members(members: dict, payload: bytes = b"") -> Path:
     return path
 
 
-def runtime_and_torch_images(bundle: Bundle, net: UNet, entries: list[int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images of `entries` (one query each, 3 DDIM steps, guidance 2) from the runtime, one call
-    per image, and from the torch sampler with the same network, noise and neighbours."""
+def check_runtime_matches_torch(bundle: Bundle, net: UNet) -> None:
+    """Images of three queries (3 DDIM steps, guidance 2), one generate call each, from the
+    runtime and from the torch sampler with the same fp32 network, noise and neighbours, agree
+    to float rounding (ORT vs torch); two queries give different images."""
+    entries, seed = [3, 11, 3], 5
     with Generator.open(bundle, threads=1) as gen:
         spec = gen.spec
         got = np.concatenate([gen.generate(1, seed=seed, first_index=i, steps=3, sampler_name="ddim", guidance=2.0,
@@ -44,7 +46,8 @@ def runtime_and_torch_images(bundle: Bundle, net: UNet, entries: list[int], seed
             z = generate_latents(net, latents, neighbours, Diffusion(spec.schedule, spec.timesteps), entries, seed,
                                  3, "ddim", 2.0)
         want = to_uint8(gen.decoder.run(["image"], {"latent": z.astype(np.float32)})[0])
-    return got, want
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    assert not np.array_equal(got[0], got[1])
 
 
 def check_one_image_budget(bundle: Bundle, monkeypatch) -> None:
