@@ -101,9 +101,11 @@ def _plans(cfg: dict) -> dict:
     intra = ort.InferenceSession(gens["1 thread"].bundle.read("denoiser.onnx"), threaded,
                                  providers=["CPUExecutionProvider"])
     other = workers.session(gens["1 thread"].bundle, "denoiser.onnx")    # the second worker's own, as in generation
-    for rows in cfg["rows"]:
+    for asked in cfg["rows"]:    # whole items of the graph, at least one for each half
+        rows = max(spec.whole_items(asked), 2 * spec.rows_per_item)
         feeds = workers.dummy_feeds(spec, rows, inputs)
-        halves = [{k: v[a:a + -(-rows // 2)] for k, v in feeds.items()} for a in (0, -(-rows // 2))]
+        half = spec.whole_items(-(-rows // 2))
+        halves = [{k: v[a:a + half] for k, v in feeds.items()} for a in (0, half)]
         repeats = max(5, 2000 // rows)
 
         def calls(work: list[tuple[ort.InferenceSession, dict]], threads: int) -> None:

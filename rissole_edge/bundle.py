@@ -283,6 +283,16 @@ class Spec:
         attend to each other inside the graph (cross_block); else 1."""
         return self.positions if self.border or self.cross_block else 1
 
+    @property
+    def rows_per_item(self) -> int:
+        """Rows the denoiser graph only takes together (its ROWS_PER_ITEM): P with attention
+        across blocks, else 1. Any call, a timing probe's too, holds a multiple of it."""
+        return self.positions if self.cross_block else 1
+
+    def whole_items(self, rows: int) -> int:
+        """`rows` rounded up to whole items of the graph."""
+        return -(-rows // self.rows_per_item) * self.rows_per_item
+
     @classmethod
     def from_manifest(cls, m: dict) -> "Spec":
         spec = cls(

@@ -84,7 +84,7 @@ class Generator:
             raise BundleError(f"the bundle's denoiser {'takes' if spec.border == 0 else 'takes no'} window input, "
                               f"but the manifest says denoiser.border = {spec.border}")
         rows = self.denoiser.get_modelmeta().custom_metadata_map.get(ROWS_PER_ITEM, "1")
-        if rows != str(spec.positions if spec.cross_block else 1):
+        if rows != str(spec.rows_per_item):
             raise BundleError(f"the bundle's denoiser takes {rows} rows per item, but the manifest says "
                               f"denoiser.cross_block = {str(spec.cross_block).lower()} for {spec.positions} blocks")
         c, s, z, w = spec.latent_channels, spec.block_side, spec.latent_side, spec.window_side

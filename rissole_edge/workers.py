@@ -255,7 +255,8 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> CallC
     Wall time where the thread clock is coarse (Windows counts it in 15.6 ms ticks)."""
     clock = time.thread_time if FINE_THREAD_CLOCK else time.perf_counter
     least = []
-    for rows in PROBE_ROWS:
+    sizes = tuple(spec.whole_items(rows) for rows in PROBE_ROWS)
+    for rows in sizes:
         feeds = dummy_feeds(spec, rows, inputs)
         times = []
         for _ in range(1 + PROBE_CALLS):
@@ -266,7 +267,7 @@ def probe(denoiser: ort.InferenceSession, spec: Spec, inputs: set[str]) -> CallC
                 raise BundleError(f"the bundle's denoiser failed: {first_line(e)}") from None
             times.append(clock() - t0)
         least.append(min(times[1:]) * 1e3)
-    (few, many), (few_ms, many_ms) = PROBE_ROWS, least
+    (few, many), (few_ms, many_ms) = sizes, least
     per_row = max(0.0, (many_ms - few_ms) / (many - few))
     return CallCost(max(0.0, few_ms - per_row * few), per_row)
 

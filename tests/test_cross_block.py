@@ -164,7 +164,8 @@ def test_the_runtime_samples_what_the_torch_sampler_does(crossed):
     halves of whole images), give the torch sampler's images."""
     bundle, _ = crossed
     spec = Spec.from_manifest(bundle.manifest)
-    assert spec.cross_block and spec.blocks_together == spec.positions
+    assert spec.cross_block and spec.blocks_together == spec.rows_per_item == spec.positions == 4
+    assert [spec.whole_items(r) for r in (1, 4, 5, 8)] == [4, 4, 8, 8]       # timing probes call whole images
     check_runtime_matches_torch(*crossed)
 
 
