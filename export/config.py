@@ -72,7 +72,7 @@ class DenoiserConfig:
     border: int = 0                  # >0: each block also sees this many latent rows/columns of its adjacent blocks (x_t)
     seam_loss: float = 0.0           # >0: weight of the border-consistency loss (batches of adjacent block pairs)
     self_condition: bool = False     # the window also carries the previous call's x0 estimate (needs border > 0)
-    cross_block: bool = False        # attention across the blocks of an image at the bottleneck (bundle: denoiser.cross_block)
+    cross_block: bool = False        # attention across the blocks of an image at the bottleneck (bundles carry it)
     schedule: str = "linear"
     timesteps: int = 1000
     prediction: str = "eps"          # "eps"; "v" for distilled few-step students (docs/method.md)

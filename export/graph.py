@@ -89,9 +89,9 @@ def value_shapes(model: bytes) -> Shapes:
 def activation_bytes(model: bytes) -> int:
     """Bytes of every value one row makes the graph compute, inputs and outputs included,
     weights not: an upper bound on what one more row in a call costs (the memory planner's
-    unit, `memory.block_bytes`; an item of several rows counts its share per row). Counted from one run, like `value_shapes`: ONNX shape inference
-    loses the shapes after the GroupNorm reshapes and counted 221 KB of the fashion denoiser's
-    583 KB."""
+    unit, `memory.block_bytes`; an item of several rows counts its share per row). Counted
+    from one run, like `value_shapes`: ONNX shape inference loses the shapes after the
+    GroupNorm reshapes and counted 221 KB of the fashion denoiser's 583 KB."""
     proto, values = _all_values(model)
     per_item = {i.name for i in proto.graph.input} - {i.name for i in proto.graph.initializer}
     for node in proto.graph.node:             # topological order: skip what only weights make

@@ -59,6 +59,16 @@ def test_ablation_configs_reuse_the_shipped_base(path):
     assert variant != shipped
 
 
+def test_the_shipped_emoji_teacher_reuses_the_twemoji_v2_base():
+    """models/twemoji-teacher.toml is twemoji-v2's recipe with another denoiser, so that
+    `train --reuse runs/twemoji-v2` (its card's command) is accepted."""
+    v2 = config.resolve("small", config.read_config_file(ROOT / "benchmarks" / "ablations" / "recipes" /
+                                                         "twemoji-v2.toml"))
+    teacher = config.resolve("small", config.read_config_file(ROOT / "models" / "twemoji-teacher.toml"))
+    assert config.first_difference(v2, teacher, REUSED_SECTIONS) is None
+    assert teacher.denoiser.cross_block and not v2.denoiser.cross_block
+
+
 def test_the_64x64_claim_rows_differ_from_the_teacher_recipe_only_in_their_denoiser():
     """benchmarks/ablations/paper64.py: every row reuses the twemoji-v2 run's autoencoder and
     database (so data, autoencoder and database must be the recipe's), the same-parameter
@@ -70,7 +80,8 @@ def test_the_64x64_claim_rows_differ_from_the_teacher_recipe_only_in_their_denoi
     spec = importlib.util.spec_from_file_location("paper64", ROOT / "benchmarks" / "ablations" / "paper64.py")
     paper64 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paper64)
-    recipe = config.resolve("small", config.read_config_file(ROOT / "models" / "twemoji-teacher.toml"))
+    recipe = config.resolve("small", config.read_config_file(ROOT / "benchmarks" / "ablations" / "recipes" /
+                                                             "twemoji-v2.toml"))
     params = {}
     for row in paper64.ROWS:
         cfg = config.resolve("small", paper64.row_overrides(row, 1, 2000))

@@ -60,8 +60,9 @@ def test_guidance_is_one_denoiser_call_per_step(tiny_bundle):
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", ["ddim", "dpmpp-3m"])
 def test_guided_image_i_is_the_same_alone_in_a_batch_and_at_any_thread_count(sampler_name):
-    """twemoji-teacher records guidance 2: a guided call mixes the images' cond and uncond rows,
-    and onnxruntime must still give each row the same result whatever else is in the call."""
+    """twemoji-teacher records guidance 4: a guided call mixes the images' cond and uncond rows
+    (whole images: its blocks attend to each other), and onnxruntime must still give each row
+    the same result whatever else is in the call."""
     from rissole_edge.shipped import resolve
     teacher = resolve("twemoji-teacher")       # `twemoji` itself is a student with guidance folded in
     with Generator.open(teacher, threads=1) as one, Generator.open(teacher, threads=2) as two:

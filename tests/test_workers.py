@@ -66,10 +66,12 @@ def test_the_estimate_counts_each_workers_calls():
     assert workers.denoise_s(32, 512, FASHION.ms, 4, 2) == pytest.approx(4 * (0.62 + h) / 1e3)
 
 
-def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch):
-    """The least of each size's timed calls (after a warm-up call) gives the line."""
+@pytest.mark.parametrize("unit,few,many,per_call_ms", [(1, 8, 32, 0.14), (3, 9, 33, 0.11)])
+def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch, unit, few, many, per_call_ms):
+    """The least of each size's timed calls (after a warm-up call) gives the line; a graph whose
+    items are several rows (attention across blocks) is probed with whole items."""
     clock = [0.0]
-    cost_s = {8: 0.38e-3, 32: 1.1e-3}
+    cost_s = {few: 0.38e-3, many: 1.1e-3}
 
     class Session:
         def run(self, outputs, feeds):
@@ -79,10 +81,11 @@ def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch):
     calls = []
     monkeypatch.setattr(workers.time, "thread_time", lambda: clock[0])
     monkeypatch.setattr(workers.time, "perf_counter", lambda: clock[0])
-    spec = type("Spec", (), {"latent_channels": 4, "block_side": 4, "window_side": 8, "k": 4})()
+    spec = type("Spec", (), {"latent_channels": 4, "block_side": 4, "window_side": 8, "k": 4,
+                             "whole_items": lambda self, rows: -(-rows // unit) * unit})()
     cost = workers.probe(Session(), spec, {"x", "t"})
-    assert cost.per_row_ms == pytest.approx(0.03) and cost.per_call_ms == pytest.approx(0.14)
-    assert calls == [8] * (1 + workers.PROBE_CALLS) + [32] * (1 + workers.PROBE_CALLS)
+    assert cost.per_row_ms == pytest.approx(0.03) and cost.per_call_ms == pytest.approx(per_call_ms)
+    assert calls == [few] * (1 + workers.PROBE_CALLS) + [many] * (1 + workers.PROBE_CALLS)
 
 
 def test_idle_cores_reads_the_load_once_per_interval(monkeypatch):

@@ -1,8 +1,8 @@
 """The paper's claim at 64x64 (issue 17, item 4): block + retrieval against block without
 retrieval and whole-latent LDMs with the same and 4x the parameters, on one training base.
 
-Every row is the shipped teacher's recipe (models/twemoji-teacher.toml, twemoji-v2) with one
-change, trained on the autoencoder and neighbour database of one finished run (`--base`, the
+Every row is twemoji-v2's recipe (benchmarks/ablations/recipes/twemoji-v2.toml, the teacher
+shipped until stop 27) with one change, trained on the autoencoder and neighbour database of one finished run (`--base`, the
 twemoji-v2 run), so the rows differ only in their denoiser:
 
     block         the recipe as it is (border strips, seam loss)
@@ -52,7 +52,7 @@ from rissole_edge.errors import RissoleError
 from rissole_export import config, denoiser, estimate, graph, onnx_export, train
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "models" / "twemoji-teacher.toml"
+RECIPE = ROOT / "benchmarks" / "ablations" / "recipes" / "twemoji-v2.toml"
 ROWS: dict[str, dict[str, Any]] = {
     "block": {},
     "noretrieval": {"kind": "block-noretrieval"},

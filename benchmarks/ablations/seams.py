@@ -51,7 +51,10 @@ ROOT = Path(__file__).resolve().parents[2]
 #   git show 4c93857:models/twemoji-teacher.rissole > v1.rissole
 #   git show 4c93857:models/twemoji-teacher.toml > v1.toml
 #   python benchmarks/ablations/seams.py --teacher v1.rissole --recipe v1.toml train ...
-# (main() sets both from the command line, before any row reads them.)
+# The teacher shipped since stop 27 attends across blocks, and such a teacher cannot be rebuilt
+# from its bundle: for twemoji-v2 pass `git show 421bffa:models/twemoji-teacher.rissole` and
+# benchmarks/ablations/recipes/twemoji-v2.toml. (main() sets both from the command line,
+# before any row reads them.)
 BUNDLE = ROOT / "models" / "twemoji-teacher.rissole"
 RECIPE = ROOT / "models" / "twemoji-teacher.toml"
 CHUNK = 100               # images per sampling call: bounds memory
