@@ -386,7 +386,7 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     denoiser: decoder, encoder, database and every other manifest field are the teacher's, so
     nothing but the denoiser (and `denoiser.border`, the new one's) can differ. A fine-tune
     keeps the teacher's recommended sampling; `guidance` other than 1 replaces its guidance."""
-    from .exporter import PARITY_IMAGES, _psnr
+    from .exporter import PARITY_IMAGES, _psnr, denoiser_fields
     from rissole_edge.generator import Generator
 
     run, out = Path(run), Path(out)
@@ -409,10 +409,8 @@ def export_over_bundle(run: Path, out: Path, mode: str, target: str, calibration
     fp32 = onnx_export.denoiser(net.eval())
     manifest.update(fields or {}, name=out.stem, tool_version=rissole_edge.__version__,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    manifest["denoiser"] = {**manifest.get("denoiser", {}), "border": net.border}
-    manifest["denoiser"].pop("cross_block", None)
-    if net.mixer is not None:
-        manifest["denoiser"]["cross_block"] = True
+    kept = {k: v for k, v in manifest.get("denoiser", {}).items() if k != "cross_block"}   # the new net's say
+    manifest["denoiser"] = {**kept, **denoiser_fields(net)}
     if fields:
         manifest["distilled"].update(teacher=teacher.manifest.get("name", manifest["distilled"]["teacher"]),
                                      teacher_sha256=hashlib.sha256((run / TEACHER_BUNDLE).read_bytes()).hexdigest())

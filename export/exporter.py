@@ -26,6 +26,7 @@ from rissole_edge.retrieval import keys_of
 from rissole_edge.timing import median_seconds
 
 from . import config, database, graph, onnx_export, pack, quantize
+from .denoiser import UNet
 from .layers import count_parameters
 from .recommend import sampling_fields
 from .sampling import RunModels, generate
@@ -99,6 +100,13 @@ def _time_call(model: bytes, feeds: dict, repeats: int = 30) -> float:
     return median_seconds(lambda: sess.run(None, feeds), repeats)
 
 
+def denoiser_fields(net: UNet) -> dict:
+    """The manifest's `denoiser` fields that the network's architecture decides, and the runtime
+    reads: its border window, and whether its blocks attend to each other (written only then, so
+    that other bundles stay as they were)."""
+    return {"border": net.border, **({"cross_block": True} if net.mixer is not None else {})}
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
     return [99.0 if e == 0 else 10 * math.log10(255 ** 2 / e) for e in mse]
@@ -163,7 +171,7 @@ def export(run: Path, out: Path, mode: str = "int8", target: str = "x86", calibr
                    "side": m.net.block_size},
         "retrieval": {"k": m.net.k, "window": cfg.database.window if m.net.k else 0, **db_meta},
         "denoiser": {"kind": cfg.denoiser.kind, "fusion": cfg.denoiser.fusion, "weights": "ema",
-                     "border": m.net.border, **({"cross_block": True} if m.net.mixer is not None else {})},
+                     **denoiser_fields(m.net)},
         "schedule": {"kind": cfg.denoiser.schedule, "timesteps": cfg.denoiser.timesteps,
                      "beta_start": 1e-4, "beta_end": 0.02, "prediction": "epsilon"},
         "sampling": distilled["sampling"] if distilled else recommended,

@@ -134,7 +134,7 @@ def step_costs(timed_steps: int) -> dict:
                      for row, run in runs.items()}}
 
 
-def generation_cost(cfg: config.DenoiserConfig) -> dict[str, int | None]:
+def generation_cost(cfg: config.DenoiserConfig) -> dict[str, int]:
     """MACs and activation bytes per image per denoiser call, from the row's fp32 ONNX graph
     (graph.py counts per block; a cross_block graph's attention is shared out over its blocks)."""
     net = denoiser.build(cfg, LATENT_CHANNELS, LATENT_SIDE).eval()
