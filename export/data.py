@@ -42,6 +42,9 @@ class ImageSet:
     # Test images the source knows to be variants of a training image (for Twemoji: the same
     # emoji in another skin tone); evaluation does not count them as unseen. None: not known.
     test_variants: np.ndarray | None = None
+    # (N,) int64 per training image: images that share an id are variants of one picture (for
+    # Twemoji: one emoji in its skin tones). None: not known.
+    train_families: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)   # "path: reason" of files that could not be read
 
 
@@ -133,6 +136,7 @@ def _twemoji(cfg: DataConfig) -> ImageSet:
         test_labels=labels[test], class_names=list(emoji_groups.GROUPS), licence="CC-BY-4.0",
         attribution="Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0",
         test_variants=np.array([b in train_bases for b, t in zip(bases, test) if t], bool),
+        train_families=np.unique([b for b, t in zip(bases, test) if not t], return_inverse=True)[1].astype(np.int64),
     )
 
 

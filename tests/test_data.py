@@ -89,6 +89,9 @@ def test_twemoji_loads_on_white_with_emoji_groups_and_known_variants():
     assert ds.class_names == list(emoji_groups.GROUPS) and len(ds.train_labels) == len(ds.train)
     assert set(np.unique(ds.train_labels)) == set(range(len(emoji_groups.GROUPS)))
     assert ds.test_variants.shape == (len(ds.test),) and 0 < ds.test_variants.sum() < len(ds.test)
+    sizes = np.bincount(ds.train_families)
+    assert ds.train_families.shape == (len(ds.train),) and sizes.min() >= 1
+    assert (sizes == 1).any() and sizes.max() >= 5     # lone emoji, and ones with five skin tones (or more)
 
 
 @pytest.mark.parametrize("name,group", [
