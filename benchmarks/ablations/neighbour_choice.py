@@ -53,7 +53,8 @@ def without_variants(families: np.ndarray):
     spare = int(np.bincount(families).max())           # room for the variants dropped
 
     def entry_candidates(db: retrieval.Database, entry: int, label: int | None = None) -> np.ndarray:
-        want = min(db.spec.images, db.spec.window + spare + 8)
+        pool = db.spec.images if label is None else int(np.sum(db.labels == label))
+        want = min(pool, db.spec.window + spare + 8)
         index = db.index
         index.set_ef(max(db.spec.ef, want))
         keep = (lambda i: db.labels[i] == label) if label is not None else None
