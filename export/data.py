@@ -129,14 +129,13 @@ def _twemoji(cfg: DataConfig) -> ImageSet:
     pixels, paths, _ = _read_all(sorted(folder.glob("*.png")), size, channels, cfg)
     test = np.array([_is_test(p.name, cfg.test_percent) for p in paths])
     labels = np.array([emoji_groups.GROUPS.index(emoji_groups.group_of(p.name)) for p in paths], np.int64)
-    bases = [emoji_groups.base(p.name) for p in paths]
-    train_bases = {b for b, t in zip(bases, test) if not t}
+    bases = np.array([emoji_groups.base(p.name) for p in paths])
     return ImageSet(
         name="twemoji", train=pixels[~test], test=pixels[test], train_labels=labels[~test],
         test_labels=labels[test], class_names=list(emoji_groups.GROUPS), licence="CC-BY-4.0",
         attribution="Twemoji graphics by Twitter, Inc and other contributors, CC-BY 4.0",
-        test_variants=np.array([b in train_bases for b, t in zip(bases, test) if t], bool),
-        train_families=np.unique([b for b, t in zip(bases, test) if not t], return_inverse=True)[1].astype(np.int64),
+        test_variants=np.isin(bases[test], bases[~test]),
+        train_families=np.unique(bases[~test], return_inverse=True)[1].astype(np.int64),
     )
 
 

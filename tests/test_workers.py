@@ -9,6 +9,7 @@ import time
 import pytest
 
 from rissole_edge import workers
+from rissole_edge.bundle import Spec
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +83,7 @@ def test_probe_fits_a_cost_per_call_and_per_row(monkeypatch, unit, few, many, pe
     monkeypatch.setattr(workers.time, "thread_time", lambda: clock[0])
     monkeypatch.setattr(workers.time, "perf_counter", lambda: clock[0])
     spec = type("Spec", (), {"latent_channels": 4, "block_side": 4, "window_side": 8, "k": 4,
-                             "whole_items": lambda self, rows: -(-rows // unit) * unit})()
+                             "rows_per_item": unit, "whole_items": Spec.whole_items})()
     cost = workers.probe(Session(), spec, {"x", "t"})
     assert cost.per_row_ms == pytest.approx(0.03) and cost.per_call_ms == pytest.approx(per_call_ms)
     assert calls == [few] * (1 + workers.PROBE_CALLS) + [many] * (1 + workers.PROBE_CALLS)
