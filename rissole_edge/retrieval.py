@@ -167,15 +167,23 @@ class Database:
     def candidates(self, key: np.ndarray, own_codes: np.ndarray | None, label: int | None = None,
                    exclude: int | None = None) -> np.ndarray:
         """The ids neighbours are drawn from, nearest first: the nearest `window` by the index
-        (never `exclude`, never an entry whose latent equals `own_codes`, only `label` if given)."""
+        (never `exclude`, never an entry whose latent equals `own_codes`, only `label` if given).
+        A label with no more entries than the query asks for is ranked exactly instead, since
+        hnswlib refuses to return more ids than its filter admits (a small class of a user's
+        image folder); the result may then hold fewer than k ids, which `draw` refuses."""
         want = min(self.spec.images, self.spec.window + 8)
-        labels = self.labels
-        filt = (lambda i: labels[i] == label) if label is not None else None
+        members = np.flatnonzero(self.labels == label) if label is not None else None
         index = self.index
         with self._lock:
-            index.set_ef(max(self.spec.ef, want))
-            found, _ = index.knn_query(key[None], k=want, num_threads=1, filter=filt)
-        kept = [int(i) for i in found[0] if i != exclude
+            if members is not None and len(members) <= want:
+                items = np.asarray(index.get_items(members), dtype=np.float32)
+                found = members[np.argsort(-(items @ key), kind="stable")]
+            else:
+                labels = self.labels
+                filt = (lambda i: labels[i] == label) if label is not None else None
+                index.set_ef(max(self.spec.ef, want))
+                found = index.knn_query(key[None], k=want, num_threads=1, filter=filt)[0][0]
+        kept = [int(i) for i in found if i != exclude
                 and (own_codes is None or not np.array_equal(self.codes[i], own_codes))]
         return np.array(kept[:self.spec.window], dtype=np.int64)
 
@@ -193,11 +201,20 @@ class Database:
     def neighbours(self, key: np.ndarray, own_codes: np.ndarray | None, rng: np.random.Generator,
                    label: int | None = None) -> np.ndarray:
         """k neighbour ids of a query key (a query by image), drawn from its `candidates`."""
-        return draw_neighbours(self.candidates(key, own_codes, label), self.spec.k, rng)
+        return self.draw(self.candidates(key, own_codes, label), rng, label)
 
     def entry_neighbours(self, entry: int, rng: np.random.Generator, label: int | None = None) -> np.ndarray:
         """k neighbour ids of a database entry, drawn from its `entry_candidates`."""
-        return draw_neighbours(self.entry_candidates(entry, label), self.spec.k, rng)
+        return self.draw(self.entry_candidates(entry, label), rng, label)
+
+    def draw(self, candidates: np.ndarray, rng: np.random.Generator, label: int | None) -> np.ndarray:
+        """`draw_neighbours`, or a usage error when too few distinct images are there to draw
+        from: only a label with at most k images besides the query can leave so few."""
+        if len(candidates) < self.spec.k:
+            where = f"label {self.spec.labels[label]!r}" if label is not None else "the database"
+            raise UsageError(f"{where} holds only {len(candidates)} images besides the query and its exact "
+                             f"copies in this bundle, and a query needs k = {self.spec.k}; choose another label")
+        return draw_neighbours(candidates, self.spec.k, rng)
 
     def blocks(self, ids: np.ndarray) -> np.ndarray:
         """Scaled latent blocks of entries: (len(ids), P, C, s, s) float32."""
@@ -216,10 +233,7 @@ def entry_neighbour_table(db: Database) -> np.ndarray:
     for entry in range(spec.images):
         key, own = db.key_of_entry(entry), db.codes[entry]
         for row, label in enumerate([None] + ([int(db.labels[entry])] if db.labels is not None else [])):
-            try:
-                ids = db.candidates(key, own, label, exclude=entry)
-            except RuntimeError:          # hnswlib found fewer than asked (a small filtered class)
-                continue
+            ids = db.candidates(key, own, label, exclude=entry)
             if len(ids) >= spec.k:
                 table[entry, row, :len(ids)] = ids
     return table

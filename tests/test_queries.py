@@ -58,3 +58,27 @@ def test_a_query_with_two_sources_is_refused(fields):
     with pytest.raises(UsageError, match="at most one of entry, like and label"):
         Query(**fields)
     Query(**dict([next(iter(fields.items()))]))         # any one of them alone is a query
+
+
+def _shrink_label(gen: Generator, monkeypatch: pytest.MonkeyPatch, label: str, keep: int) -> None:
+    """Leave `label` only `keep` database entries (the rest join another label), as a small
+    class of a user's image folder would, and ask the index live (no stored lists)."""
+    labels = gen.db.labels.copy()
+    ids = np.flatnonzero(labels == gen.spec.labels.index(label))
+    labels[ids[keep:]] = (gen.spec.labels.index(label) + 1) % len(gen.spec.labels)
+    monkeypatch.setattr(gen.db, "labels", labels)
+    monkeypatch.setattr(gen.db, "entry_lists", None)
+
+
+def test_a_label_smaller_than_the_index_query_still_generates(gen, monkeypatch):
+    """hnswlib refuses to return more ids than its filter admits, and a live query asks for
+    window + 8 = 16: a 6-image label used to end in hnswlib's RuntimeError."""
+    _shrink_label(gen, monkeypatch, "bag", 6)
+    entries = _conditioning_entries(gen, monkeypatch, Query(label="bag"), 4)
+    assert (gen.db.labels[entries] == gen.spec.labels.index("bag")).all()
+
+
+def test_a_label_too_small_for_k_neighbours_is_a_usage_error(gen, monkeypatch):
+    _shrink_label(gen, monkeypatch, "bag", gen.spec.k)       # the query entry and k - 1 others
+    with pytest.raises(UsageError, match=f"label 'bag' holds only {gen.spec.k - 1} images"):
+        gen.generate(1, seed=3, steps=2, query=Query(label="bag"), as_array=True)
