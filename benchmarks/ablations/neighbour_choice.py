@@ -21,6 +21,8 @@ is patched for this process only: nothing here is a generate option.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -48,20 +50,15 @@ def chooser(mode: str):
 
 
 def without_variants(families: np.ndarray):
-    """A `Database.entry_candidates` that asks the index as `Database.candidates` does, but
-    drops the entry's variants as well as the entry and its exact duplicates."""
+    """A `Database.entry_candidates` that asks the index as `Database.candidates` does, for
+    a window wider by the largest family, then drops the entry's variants from it."""
     spare = int(np.bincount(families).max())           # room for the variants dropped
 
     def entry_candidates(db: retrieval.Database, entry: int, label: int | None = None) -> np.ndarray:
-        pool = db.spec.images if label is None else int(np.sum(db.labels == label))
-        want = min(pool, db.spec.window + spare + 8)
-        index = db.index
-        index.set_ef(max(db.spec.ef, want))
-        keep = (lambda i: db.labels[i] == label) if label is not None else None
-        found, _ = index.knn_query(db.key_of_entry(entry)[None], k=want, num_threads=1, filter=keep)
-        kept = [int(i) for i in found[0] if families[i] != families[entry]
-                and not np.array_equal(db.codes[i], db.codes[entry])]
-        return np.array(kept[:db.spec.window], dtype=np.int64)
+        wide = copy.copy(db)
+        wide.spec = dataclasses.replace(db.spec, window=db.spec.window + spare)
+        found = retrieval.Database.candidates(wide, db.key_of_entry(entry), db.codes[entry], label, exclude=entry)
+        return found[families[found] != families[entry]][:db.spec.window]
     return entry_candidates
 
 
