@@ -211,9 +211,10 @@ class Database:
         """`draw_neighbours`, or a usage error when too few distinct images are there to draw
         from: only a label with at most k images besides the query can leave so few."""
         if len(candidates) < self.spec.k:
-            where = f"label {self.spec.labels[label]!r}" if label is not None else "the database"
+            where, fix = ((f"label {self.spec.labels[label]!r}", "; choose another label") if label is not None
+                          else ("the database", ""))
             raise UsageError(f"{where} holds only {len(candidates)} images besides the query and its exact "
-                             f"copies in this bundle, and a query needs k = {self.spec.k}; choose another label")
+                             f"copies in this bundle, and a query needs k = {self.spec.k}{fix}")
         return draw_neighbours(candidates, self.spec.k, rng)
 
     def blocks(self, ids: np.ndarray) -> np.ndarray:
